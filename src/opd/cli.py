@@ -1,0 +1,129 @@
+"""The `opd` command line: distill, eval, quickstart.
+
+Bad input ends with one line `opd: error: <cause>` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import warnings
+
+from opd import config as config_mod
+from opd.errors import OpdError
+
+# flag -> config key; each field's help text is written once, in config.py
+FLAGS = {
+    "--student": "model.student",
+    "--teacher": "model.teacher",
+    "--prompts": "data.prompts",
+    "--out": "run.out",
+    "--steps": "run.steps",
+    "--batch-prompts": "data.batch_prompts",
+    "--group-size": "sampling.group_size",
+    "--max-new-tokens": "sampling.max_new_tokens",
+    "--lr": "optim.lr",
+    "--lora-rank": "model.lora_rank",
+    "--kl-coef": "objective.kl_coef",
+    "--discount": "objective.discount",
+    "--seed": "run.seed",
+    "--save-every": "run.save_every",
+    "--overlong": "data.overlong",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _field(key: str) -> dataclasses.Field:
+    section, name = key.split(".")
+    cls = type(getattr(config_mod.Config(), section))
+    return {f.name: f for f in dataclasses.fields(cls)}[name]
+
+
+def _distill_epilog() -> str:
+    flagged = set(FLAGS.values())
+    lines = ["other config keys (as section.field=value, or [section] tables in --config):"]
+    for line in config_mod.fields_help().splitlines()[1:]:
+        key = line.strip().split(" ", 1)[0]
+        if key.startswith("[") or key not in flagged:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="opd", description="On-policy distillation of language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("distill", help="distil a teacher into a student, on the student's samples",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_distill_epilog())
+    d.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] tables")
+    for flag, key in FLAGS.items():
+        f = _field(key)
+        default = "required" if f.default == "" else f"default {f.default!r}"
+        d.add_argument(flag, dest=key, metavar=f.type.upper(), help=f"{f.metadata['help']} ({key}; {default})")
+    d.add_argument("--force", action="store_true",
+                   help="replace a different run already in --out (its checkpoints and metrics)")
+    d.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+
+    e = sub.add_parser("eval", help="greedy completions and exact-match accuracy on a prompts file")
+    e.add_argument("--model", required=True, help="model folder (weights + tokenizer)")
+    e.add_argument("--prompts", required=True, help="prompts JSONL; rows with 'answer' are scored")
+    e.add_argument("--out", help="write per-row results here (JSONL)")
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    e.add_argument("--extractor", default="exact",
+                   help="answer extractor: exact, last-number, boxed, hashes, or module:function")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    q = sub.add_parser("quickstart", help="build tiny models, distil one into the other, report")
+    q.add_argument("--out", default="runs/quickstart", help="output folder")
+    q.add_argument("--steps", type=int, default=40)
+    q.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "distill":
+        from opd.loop import distill
+
+        flags = {key: getattr(args, key) for key in FLAGS.values()}
+        cfg = config_mod.build_config(args.config, flags, args.overrides)
+        distill(cfg, force=args.force)
+    elif args.command == "eval":
+        from opd.evaluate import evaluate
+
+        summary = evaluate(args.model, args.prompts, args.out, args.max_new_tokens, args.batch_size,
+                           args.extractor, args.temperature, args.seed, args.device)
+        print(json.dumps(summary))
+    elif args.command == "quickstart":
+        from opd.quickstart import quickstart
+
+        quickstart(args.out, args.steps, args.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        sys.exit(run(argv))
+    except OpdError as e:
+        print(f"opd: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("opd: interrupted; resume by running the same command again", file=sys.stderr)
+        sys.exit(130)

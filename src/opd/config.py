@@ -1,0 +1,267 @@
+"""Run configuration: frozen dataclasses, one per component, each field documented once.
+
+Values come, lowest precedence first, from the defaults below, a TOML file (`--config`, with one
+`[section]` table per dataclass), the command-line flags, and `section.field=value` overrides.
+`opd distill --help` prints every field with the help text written here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opd.errors import OpdError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    student: str = _f("", "Student model: a local Hugging Face folder (weights + tokenizer).")
+    teacher: str = _f("", "Teacher model: a local Hugging Face folder with the same tokenizer.")
+    lora_rank: int = _f(0, "LoRA rank; 0 trains every weight (full fine-tune).")
+    lora_alpha: float = _f(32.0, "LoRA alpha (the update is scaled by alpha / rank).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input; 0 keeps resume bit-exact.")
+    lora_target_modules: str = _f(
+        "all-linear", "Comma-separated module names for LoRA, or 'all-linear' (peft's default set)."
+    )
+    dtype: str = _f("float32", "Student weights dtype: float32 or bfloat16.")
+    teacher_dtype: str = _f("float32", "Teacher weights dtype: float32 or bfloat16.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompts: str = _f("", "Prompts JSONL: {'prompt': str} or {'messages': [...]} per line.")
+    batch_prompts: int = _f(16, "Prompts per optimizer step (P).")
+    shuffle: bool = _f(True, "Shuffle the prompts every epoch (seeded).")
+    overlong: str = _f(
+        "error", "A prompt longer than the context minus max_new_tokens: 'error' or 'skip'."
+    )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    group_size: int = _f(4, "Completions sampled per prompt (G); a step trains on P*G rows.")
+    max_new_tokens: int = _f(64, "Longest completion; sampling also stops at EOS.")
+    temperature: float = _f(
+        1.0, "Sampling temperature. 1 samples the student's own distribution (on-policy)."
+    )
+    top_p: float = _f(1.0, "Nucleus sampling; < 1 renormalises the sampler log-probs (warned).")
+    top_k: int = _f(0, "Top-k sampling; > 0 renormalises the sampler log-probs (warned).")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    kl_coef: float = _f(1.0, "Advantage scale: A_t = -kl_coef * (logp_sampler_t - logp_teacher_t).")
+    discount: float = _f(
+        0.0, "Discount gamma: 0 judges each token alone; > 0 sums discounted future advantages."
+    )
+    clip_ratio: float = _f(
+        0.0, "PPO-style clip of the importance ratio to [1-c, 1+c]; 0 turns clipping off."
+    )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = _f(1e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this; 0 turns clipping off.")
+    warmup_steps: int = _f(0, "Linear warm-up steps from 0 to lr.")
+    schedule: str = _f("constant", "LR after warm-up: 'constant' or 'cosine'.")
+    min_lr_ratio: float = _f(0.0, "Cosine schedule ends at lr * min_lr_ratio.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = _f("", "Output folder: config, metrics, checkpoints, final model.")
+    steps: int = _f(100, "Optimizer steps.")
+    micro_batch_size: int = _f(
+        0, "Rows per forward/backward (gradient accumulation); 0 does the whole step at once."
+    )
+    seed: int = _f(0, "Seed for LoRA init, data order and sampling.")
+    save_every: int = _f(50, "Write a resumable checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = _f(2, "Checkpoints kept on disk (older ones are deleted).")
+    device: str = _f("auto", "'auto' (cuda when present, else cpu), 'cpu' or 'cuda'.")
+    threads: int = _f(0, "CPU threads for torch; 0 leaves torch's choice (divided among ranks).")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "sampling": SamplingConfig,
+    "objective": ObjectiveConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+
+
+def _fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(_SECTION_TYPES[section])}
+
+
+def _coerce(key: str, raw: Any, typ: Any) -> Any:
+    """Turn a TOML or command-line value into the field's type, or say which key is wrong."""
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ)
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return raw.lower() in ("true", "1", "yes")
+        raise OpdError(f"{key}: expected true or false, got {raw!r}")
+    if typ is int:
+        if isinstance(raw, bool):
+            raise OpdError(f"{key}: expected an integer, got {raw!r}")
+        try:
+            value = int(raw) if isinstance(raw, int) else int(str(raw), 10)
+        except ValueError:
+            raise OpdError(f"{key}: expected an integer, got {raw!r}") from None
+        return value
+    if typ is float:
+        if isinstance(raw, bool):
+            raise OpdError(f"{key}: expected a number, got {raw!r}")
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise OpdError(f"{key}: expected a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise OpdError(f"{key}: expected a finite number, got {raw!r}")
+        return value
+    if not isinstance(raw, str):
+        raise OpdError(f"{key}: expected a string, got {raw!r}")
+    return raw
+
+
+def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """Set `section.field` keys on a config; unknown keys are an error naming the key."""
+    sections = {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTION_TYPES}
+    for key, raw in values.items():
+        section, _, name = key.partition(".")
+        if section not in _SECTION_TYPES or name not in _fields(section):
+            raise OpdError(f"unknown config key {key!r} (see `opd distill --help` for the keys)")
+        sections[section][name] = _coerce(key, raw, _fields(section)[name].type)
+    return Config(**{name: _SECTION_TYPES[name](**vals) for name, vals in sections.items()})
+
+
+def parse_kv(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise OpdError(f"bad override {item!r}: expected section.field=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Flatten a TOML file with [section] tables into `section.field` keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise OpdError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise OpdError(f"{path}: invalid TOML: {e}") from None
+    flat = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise OpdError(f"{path}: top-level key {section!r} must be a [section] table")
+        for name, value in table.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def build_config(toml_path: str | None, flags: dict[str, Any], overrides: list[str]) -> Config:
+    cfg = Config()
+    if toml_path:
+        cfg = apply_overrides(cfg, read_toml(toml_path))
+    cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None})
+    cfg = apply_overrides(cfg, parse_kv(overrides))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, dict[str, Any]]) -> Config:
+    flat = {f"{s}.{k}": v for s, table in d.items() for k, v in table.items()}
+    return apply_overrides(Config(), flat)
+
+
+def _check(ok: bool, key: str, value: Any, must: str) -> None:
+    if not ok:
+        raise OpdError(f"{key}={value!r}: must be {must}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that cannot work, naming the field and the value."""
+    m, d, s, o, op, r = cfg.model, cfg.data, cfg.sampling, cfg.objective, cfg.optim, cfg.run
+    _check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, ">= 0")
+    _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "> 0")
+    _check(0 <= m.lora_dropout < 1, "model.lora_dropout", m.lora_dropout, "in [0, 1)")
+    for key, value in (("model.dtype", m.dtype), ("model.teacher_dtype", m.teacher_dtype)):
+        _check(value in ("float32", "bfloat16"), key, value, "float32 or bfloat16")
+    _check(d.batch_prompts >= 1, "data.batch_prompts", d.batch_prompts, ">= 1")
+    _check(d.overlong in ("error", "skip"), "data.overlong", d.overlong, "'error' or 'skip'")
+    _check(s.group_size >= 1, "sampling.group_size", s.group_size, ">= 1")
+    _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", s.max_new_tokens, ">= 1")
+    _check(s.temperature > 0, "sampling.temperature", s.temperature, "> 0")
+    _check(0 < s.top_p <= 1, "sampling.top_p", s.top_p, "in (0, 1]")
+    _check(s.top_k >= 0, "sampling.top_k", s.top_k, ">= 0")
+    _check(o.kl_coef >= 0, "objective.kl_coef", o.kl_coef, ">= 0")
+    _check(0 <= o.discount <= 1, "objective.discount", o.discount, "in [0, 1]")
+    _check(0 <= o.clip_ratio < 1, "objective.clip_ratio", o.clip_ratio, "in [0, 1)")
+    _check(op.lr > 0, "optim.lr", op.lr, "> 0")
+    _check(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, ">= 0")
+    _check(0 <= op.beta1 < 1, "optim.beta1", op.beta1, "in [0, 1)")
+    _check(0 <= op.beta2 < 1, "optim.beta2", op.beta2, "in [0, 1)")
+    _check(op.eps > 0, "optim.eps", op.eps, "> 0")
+    _check(op.grad_clip >= 0, "optim.grad_clip", op.grad_clip, ">= 0")
+    _check(op.warmup_steps >= 0, "optim.warmup_steps", op.warmup_steps, ">= 0")
+    _check(op.schedule in ("constant", "cosine"), "optim.schedule", op.schedule, "'constant' or 'cosine'")
+    _check(0 <= op.min_lr_ratio <= 1, "optim.min_lr_ratio", op.min_lr_ratio, "in [0, 1]")
+    _check(r.steps >= 1, "run.steps", r.steps, ">= 1")
+    _check(r.micro_batch_size >= 0, "run.micro_batch_size", r.micro_batch_size, ">= 0")
+    _check(r.save_every >= 1, "run.save_every", r.save_every, ">= 1")
+    _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, ">= 1")
+    _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "'auto', 'cpu' or 'cuda'")
+    _check(r.threads >= 0, "run.threads", r.threads, ">= 0")
+    for key, value in (("model.student", m.student), ("model.teacher", m.teacher),
+                       ("data.prompts", d.prompts), ("run.out", r.out)):
+        _check(bool(value), key, value, "set (it has no default)")
+
+
+def fields_help() -> str:
+    """Every config key with its type, default and help, for `--help`."""
+    lines = ["config keys (set in --config FILE.toml as [section] tables, or as section.field=value):"]
+    for section, cls in _SECTION_TYPES.items():
+        lines.append(f"  [{section}]")
+        for f in dataclasses.fields(cls):
+            default = "(required)" if f.default == "" else repr(f.default)
+            lines.append(f"    {section}.{f.name} = {default}  ({f.type})  {f.metadata['help']}")
+    return "\n".join(lines)

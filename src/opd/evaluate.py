@@ -1,0 +1,101 @@
+"""`opd eval`: sample completions (greedy by default) and score extracted answers.
+
+An extractor maps a completion's text to its final answer. Built-ins are listed in EXTRACTORS;
+any task can plug its own as "package.module:function".
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from opd.data import load_prompts
+from opd.errors import OpdError
+from opd.models import load_model, load_tokenizer, output_vocab
+from opd.samplers import make_sampler
+
+
+def _last_number(text: str) -> str:
+    found = re.findall(r"-?\d+(?:\.\d+)?", text)
+    return found[-1] if found else ""
+
+
+def _boxed(text: str) -> str:
+    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    return found[-1].strip() if found else ""
+
+
+def _after_hashes(text: str) -> str:
+    return text.rsplit("####", 1)[-1].strip() if "####" in text else ""
+
+
+EXTRACTORS: dict[str, Callable[[str], str]] = {
+    "exact": lambda text: text.strip(),  # the whole completion
+    "last-number": _last_number,  # the last integer or decimal in the text
+    "boxed": _boxed,  # the content of the last \boxed{...}
+    "hashes": _after_hashes,  # what follows the last "####" (GSM8K style)
+}
+
+
+def get_extractor(name: str) -> Callable[[str], str]:
+    if name in EXTRACTORS:
+        return EXTRACTORS[name]
+    module, sep, attr = name.partition(":")
+    if not sep:
+        raise OpdError(f"unknown extractor {name!r}: use one of {', '.join(EXTRACTORS)} "
+                       "or 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise OpdError(f"extractor {name!r} could not be imported: {e}") from None
+    return fn
+
+
+@torch.inference_mode()
+def evaluate(model_dir: str, prompts_path: str, out: str | None = None, max_new_tokens: int = 64,
+             batch_size: int = 64, extractor: str = "exact", temperature: float = 0.0,
+             seed: int = 0, device: str = "cpu") -> dict:
+    """Complete every prompt once; returns a summary (accuracy over rows with an "answer")."""
+    if max_new_tokens < 1 or batch_size < 1 or temperature < 0:
+        raise OpdError("max_new_tokens and batch_size must be >= 1 and temperature >= 0")
+    extract = get_extractor(extractor)
+    tokenizer = load_tokenizer(model_dir, "--model")
+    model = load_model(model_dir, "float32", device, "--model").eval()
+    context = getattr(model.config, "max_position_embeddings", None)
+    max_prompt = context - max_new_tokens if context else None
+    prompts, skipped = load_prompts(prompts_path, tokenizer, max_prompt, "error")
+    vocab = min(len(tokenizer), output_vocab(model))
+    sampler = make_sampler(model, tokenizer, vocab, max_new_tokens, temperature=temperature)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        batch = sampler.sample([p.ids for p in chunk], 1, gen)
+        for b, prompt in enumerate(chunk):
+            ids = batch.tokens_BT[b][batch.completion_mask_BT[b]].tolist()
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            row = {"where": prompt.where, "completion": text, "completion_tokens": len(ids)}
+            if "answer" in prompt.row:
+                predicted = str(extract(text)).strip()
+                row.update(extracted=predicted, answer=prompt.row["answer"],
+                           correct=predicted == str(prompt.row["answer"]).strip())
+            results.append(row)
+    scored = [r for r in results if "correct" in r]
+    summary = {
+        "rows": len(results),
+        "scored": len(scored),
+        "correct": sum(r["correct"] for r in scored),
+        "accuracy": sum(r["correct"] for r in scored) / len(scored) if scored else None,
+        "mean_completion_tokens": sum(r["completion_tokens"] for r in results) / len(results),
+    }
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    return summary

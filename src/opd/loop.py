@@ -1,0 +1,250 @@
+"""The on-policy distillation run: set-up, then the step, readable top to bottom.
+
+One step:  prompts -> sampler.sample -> teacher.score -> kl_advantages -> policy_gradient_loss
+           -> all-reduce -> clip -> AdamW step -> metrics.
+Everything heavy lives in the components (samplers/, teachers/, objectives.py, checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opd import checkpoint, config as config_mod
+from opd.config import Config
+from opd.data import Prompt, load_prompts, step_indices
+from opd.distributed import DistContext, setup
+from opd.errors import OpdError
+from opd.metrics import MetricsLogger
+from opd.models import add_lora, check_compatible, inner_model, load_model, load_tokenizer
+from opd.objectives import kl_advantages, lr_at, policy_gradient_loss, reverse_kl
+from opd.samplers import Sampler, make_sampler
+from opd.scoring import completion_logprobs
+from opd.teachers import Teacher, make_teacher
+
+# Fields that may change between a run and its resumption without making it a different run.
+RESUMABLE_CHANGES = {"run.steps", "run.save_every", "run.keep_checkpoints", "run.threads", "run.device"}
+
+
+@dataclass
+class Parts:
+    """What a step needs, built once by `setup_run`."""
+
+    cfg: Config
+    ctx: DistContext
+    student: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    sampler: Sampler
+    teacher: Teacher
+    prompts: list[Prompt]
+    vocab_size: int
+    tokenizer: object
+
+
+def sampling_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """A fresh generator per (seed, step, rank): sampling never depends on what ran before."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 7_919 + rank)
+
+
+def train_step(step: int, p: Parts) -> dict:
+    cfg, ctx = p.cfg, p.ctx
+    t0 = time.perf_counter()
+    idx = step_indices(step, len(p.prompts), cfg.data.batch_prompts, cfg.run.seed,
+                       cfg.data.shuffle, ctx.rank, ctx.world_size)
+    gen = sampling_generator(cfg.run.seed, step, ctx.rank, ctx.device)
+    batch = p.sampler.sample([p.prompts[i].ids for i in idx], cfg.sampling.group_size, gen)
+    t1 = time.perf_counter()
+
+    batch.teacher_lp_BT = p.teacher.score(batch)
+    mask_BT = batch.completion_mask_BT
+    batch.advantages_BT = kl_advantages(batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT,
+                                        cfg.objective.kl_coef, cfg.objective.discount)
+    t2 = time.perf_counter()
+
+    # Normalise by the completion tokens of the whole step (every micro-batch, every rank).
+    local_tokens = batch.num_completion_tokens
+    n_tokens, n_rows = ctx.sum([local_tokens, batch.num_rows])
+    lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.run.steps, cfg.optim.schedule,
+               cfg.optim.min_lr_ratio)
+    for group in p.optimizer.param_groups:
+        group["lr"] = lr
+    p.optimizer.zero_grad(set_to_none=True)
+    p.student.train()
+    loss_sum, ratio_sum, ratio_max = 0.0, 0.0, 0.0
+    mbs = cfg.run.micro_batch_size or batch.num_rows
+    for start in range(0, batch.num_rows, mbs):
+        mb = batch.slice(start, start + mbs)
+        train_lp_BT = completion_logprobs(p.student, mb.tokens_BT, mb.attention_mask_BT,
+                                          batch.prompt_len, p.vocab_size)
+        loss, stats = policy_gradient_loss(train_lp_BT, mb.sampler_lp_BT, mb.advantages_BT,
+                                           mb.completion_mask_BT, n_tokens, cfg.objective.clip_ratio)
+        loss.backward()
+        loss_sum += loss.item()
+        ratio_sum += stats["ratio_sum"].item()
+        ratio_max = max(ratio_max, stats["ratio_max"].item())
+    ctx.sum_gradients(p.params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(p.params, cfg.optim.grad_clip or math.inf).item()
+    if not math.isfinite(grad_norm):
+        raise OpdError(f"step {step + 1}: gradient norm is {grad_norm}; the step was not applied "
+                       "(try a lower optim.lr); the last checkpoint is intact")
+    p.optimizer.step()
+    t3 = time.perf_counter()
+
+    kl_sum = reverse_kl(batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT).sum().item()
+    teacher_lp_sum = batch.teacher_lp_BT[mask_BT].sum().item()
+    sampler_lp_sum = batch.sampler_lp_BT[mask_BT].sum().item()
+    loss_sum, kl_sum, ratio_sum, teacher_lp_sum, sampler_lp_sum = ctx.sum(
+        [loss_sum, kl_sum, ratio_sum, teacher_lp_sum, sampler_lp_sum])
+    (ratio_max,) = ctx.max([ratio_max])
+    denom = max(n_tokens, 1)
+    return {
+        "step": step + 1,
+        "loss": loss_sum,
+        "teacher/kl": kl_sum / denom,
+        "teacher/logprob": teacher_lp_sum / denom,
+        "sampler/logprob": sampler_lp_sum / denom,
+        "ratio/mean": ratio_sum / denom,
+        "ratio/max": ratio_max,
+        "optim/lr": lr,
+        "optim/grad_norm": grad_norm,
+        "tokens/completion": int(n_tokens),
+        "tokens/mean_completion_len": n_tokens / max(n_rows, 1),
+        "time/sample": t1 - t0,
+        "time/teacher": t2 - t1,
+        "time/train": t3 - t2,
+        "time/step": t3 - t0,
+        "throughput/tokens_per_s": n_tokens / max(t3 - t0, 1e-9),
+    }
+
+
+def distill(cfg: Config, force: bool = False) -> Path:
+    """Run (or resume) a distillation; returns the folder of the final model."""
+    ctx = setup(cfg.run.device, cfg.run.threads)
+    try:
+        out = Path(cfg.run.out)
+        ckpt_root = out / "checkpoints"
+        if ctx.is_main:
+            prepare_out(out, cfg, force)
+        ctx.barrier()
+        parts = setup_run(cfg, ctx)
+        start = resume(ckpt_root, parts)
+        final_dir = out / "final"
+        if start >= cfg.run.steps and final_dir.is_dir():
+            if ctx.is_main:
+                print(f"run in {out} is already complete ({start} steps); final model in {final_dir}")
+            return final_dir
+        logger = MetricsLogger(out / "metrics.jsonl", start, cfg.run.steps, enabled=ctx.is_main)
+        for step in range(start, cfg.run.steps):
+            logger.log(train_step(step, parts))
+            done = step + 1
+            if done % cfg.run.save_every == 0 or done == cfg.run.steps:
+                if ctx.is_main:
+                    checkpoint.save(ckpt_root, done, parts.student, parts.optimizer,
+                                    {"data_cursor": done * cfg.data.batch_prompts},
+                                    cfg.run.keep_checkpoints)
+                ctx.barrier()
+        logger.close()
+        if ctx.is_main:
+            save_final(parts.student, parts.tokenizer, final_dir)
+            print(f"final model written to {final_dir}")
+        ctx.barrier()
+        return final_dir
+    finally:
+        ctx.close()
+
+
+def prepare_out(out: Path, cfg: Config, force: bool) -> None:
+    """Write config.json, or check that the folder holds this same run (then it resumes)."""
+    cfg_path = out / "config.json"
+    new = config_mod.to_dict(cfg)
+    if cfg_path.exists() and not force:
+        try:
+            old = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError:
+            raise OpdError(f"{cfg_path} is not valid JSON; pass --force to start a new run there") from None
+        diff = [f"{s}.{k}" for s, table in new.items() for k, v in table.items()
+                if f"{s}.{k}" not in RESUMABLE_CHANGES and old.get(s, {}).get(k) != v]
+        if diff:
+            raise OpdError(f"{out} holds a different run ({', '.join(diff)} differ); "
+                           "use another --out, or --force to replace it")
+    elif force:
+        for name in ("checkpoints", "final", "final.tmp"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(json.dumps(new, indent=2) + "\n")
+
+
+def context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def setup_run(cfg: Config, ctx: DistContext) -> Parts:
+    m = cfg.model
+    if cfg.data.batch_prompts % ctx.world_size:
+        raise OpdError(f"data.batch_prompts={cfg.data.batch_prompts} must be divisible by the "
+                       f"number of processes ({ctx.world_size})")
+    if cfg.sampling.temperature != 1.0 or cfg.sampling.top_p < 1.0 or cfg.sampling.top_k > 0:
+        warnings.warn(
+            "sampling with temperature != 1, top_p or top_k: the sampler's log-probs are those of "
+            "the adjusted (renormalised) distribution, not the student's, so the importance ratio "
+            "exp(logp_train - logp_sampler) is not 1 even before any update and training is "
+            "off-policy by that amount", stacklevel=2)
+    torch.manual_seed(cfg.run.seed)
+    tokenizer = load_tokenizer(m.student, "model.student")
+    teacher_tok = load_tokenizer(m.teacher, "model.teacher")
+    student = load_model(m.student, m.dtype, ctx.device, "model.student")
+    teacher_model = load_model(m.teacher, m.teacher_dtype, ctx.device, "model.teacher")
+    vocab_size = check_compatible(tokenizer, teacher_tok, student, teacher_model)
+    limits = [n for n in (context_length(student), context_length(teacher_model)) if n]
+    max_prompt = min(limits) - cfg.sampling.max_new_tokens if limits else None
+    if max_prompt is not None and max_prompt < 1:
+        raise OpdError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a "
+                       f"prompt in the {min(limits)}-token context")
+    note = f" (context {min(limits)} - max_new_tokens {cfg.sampling.max_new_tokens})" if limits else ""
+    prompts, skipped = load_prompts(cfg.data.prompts, tokenizer, max_prompt, cfg.data.overlong, note)
+    if skipped and ctx.is_main:
+        print(f"skipped {skipped} overlong prompts (data.overlong=skip); {len(prompts)} remain")
+    if m.lora_rank > 0:
+        student = add_lora(student, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    s = cfg.sampling
+    sampler = make_sampler(student, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k)
+    teacher = make_teacher(teacher_model, vocab_size, cfg.run.micro_batch_size)
+    return Parts(cfg, ctx, student, params, optimizer, sampler, teacher, prompts, vocab_size,
+                 tokenizer)
+
+
+def resume(ckpt_root: Path, parts: Parts) -> int:
+    """Load the newest complete checkpoint, if any; returns the step to start from."""
+    if parts.ctx.is_main:
+        checkpoint.clean_partial(ckpt_root)
+    parts.ctx.barrier()
+    found = checkpoint.list_checkpoints(ckpt_root)
+    if not found:
+        return 0
+    state = checkpoint.load(found[-1], parts.student, parts.optimizer)
+    if parts.ctx.is_main:
+        print(f"resuming from {found[-1]} (step {state['step']})")
+    return int(state["step"])
+
+
+def save_final(student, tokenizer, final_dir: Path) -> None:
+    """Write the student in save_pretrained format (LoRA merged), atomically."""
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
+    inner_model(model).save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(final_dir, ignore_errors=True)
+    tmp.rename(final_dir)

@@ -1,0 +1,49 @@
+"""Metrics: one flat dict per step with namespaced keys, appended to metrics.jsonl, and progress.
+
+A TTY gets a tqdm bar (step, teacher KL, tokens/s); anything else gets one plain line per step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, path: Path | None, start_step: int, total_steps: int, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        self.bar = None
+        if not enabled:
+            return
+        if path is not None and path.exists():
+            # Drop rows past the checkpoint we resume from: they will be produced again.
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step",
+                            dynamic_ncols=True)
+        self.total_steps = total_steps
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        kl, tps = metrics.get("teacher/kl"), metrics.get("throughput/tokens_per_s")
+        if self.bar is not None:
+            self.bar.set_postfix({"kl": f"{kl:.4f}", "tok/s": f"{tps:.0f}"}, refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"step {metrics['step']}/{self.total_steps} | teacher/kl {kl:.4f} | "
+                  f"loss {metrics['loss']:+.4f} | {tps:.0f} tok/s | "
+                  f"{metrics['time/step']:.2f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,64 @@
+"""The one batch type that flows from sampler to teacher to loss.
+
+Axis suffixes: B rows (= P prompts x G samples), T tokens, V vocabulary.
+
+Row layout in `tokens_BT`: the prompt is left-padded to a common length `prompt_len`, the
+completion follows, then right padding:
+
+    [pad pad p0 p1 p2 | c0 c1 c2 EOS pad pad]
+                        ^ prompt_len
+
+`attention_mask_BT` is 1 on prompt and completion tokens. `completion_mask_BT` is True on the
+tokens the student sampled (EOS included), so a pad id equal to the EOS id never drops EOS from
+the loss. Position ids are always derived from the attention mask (see `position_ids`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    tokens_BT: torch.Tensor  # long
+    attention_mask_BT: torch.Tensor  # long, 1 = real token
+    completion_mask_BT: torch.Tensor  # bool, True = sampled token (trained on)
+    prompt_len: int  # completions start at this column
+    sampler_lp_BT: torch.Tensor  # float32, log-prob of each sampled token under the sampler
+    prompt_index_B: torch.Tensor  # long, which prompt of the step each row came from
+    teacher_lp_BT: torch.Tensor | None = None
+    advantages_BT: torch.Tensor | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)  # per prompt: metadata from JSONL
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens_BT.shape[0]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_mask_BT.sum())
+
+    def slice(self, start: int, stop: int) -> Rollouts:
+        """Rows [start, stop) as a new batch (for micro-batching)."""
+
+        def cut(t):
+            return None if t is None else t[start:stop]
+
+        return replace(
+            self,
+            tokens_BT=cut(self.tokens_BT),
+            attention_mask_BT=cut(self.attention_mask_BT),
+            completion_mask_BT=cut(self.completion_mask_BT),
+            sampler_lp_BT=cut(self.sampler_lp_BT),
+            prompt_index_B=cut(self.prompt_index_B),
+            teacher_lp_BT=cut(self.teacher_lp_BT),
+            advantages_BT=cut(self.advantages_BT),
+        )
+
+
+def position_ids(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: the first real token of every row is position 0."""
+    return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
