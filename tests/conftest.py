@@ -35,18 +35,25 @@ def tok():
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory, tok):
-    """Folders: a teacher that reverses words, a random student, Qwen3 and padded-vocab variants."""
+    """Folders: a teacher that reverses words, one that always answers "xyz", a random student, Qwen3 and padded-vocab variants."""
     root = tmp_path_factory.mktemp("models")
     pairs = [(w + "=", w[::-1]) for w in words(500)]
     teacher = tiny.tiny_model(tok, hidden=64, layers=2, seed=0)
     tiny.fit(teacher, tok, pairs, steps=150, lr=3e-3)
+    pattern = tiny.tiny_model(tok, hidden=64, layers=2, seed=4)
+    tiny.fit(pattern, tok, [(w + "=", "xyz") for w in words(200)], steps=60, lr=3e-3)
     out = {
+        "pattern": tiny.save(pattern, tok, root / "pattern"),
         "teacher": tiny.save(teacher, tok, root / "teacher"),
-        "student": tiny.save(tiny.tiny_model(tok, hidden=32, layers=2, seed=1), tok, root / "student"),
-        "qwen3": tiny.save(tiny.tiny_model(tok, arch="qwen3", hidden=32, layers=2, seed=2), tok,
-                           root / "qwen3"),
-        "padded": tiny.save(tiny.tiny_model(tok, hidden=32, layers=1, vocab_pad=13, seed=3), tok,
-                            root / "padded"),
+        "student": tiny.save(
+            tiny.tiny_model(tok, hidden=32, layers=2, seed=1), tok, root / "student"
+        ),
+        "qwen3": tiny.save(
+            tiny.tiny_model(tok, arch="qwen3", hidden=32, layers=2, seed=2), tok, root / "qwen3"
+        ),
+        "padded": tiny.save(
+            tiny.tiny_model(tok, hidden=32, layers=1, vocab_pad=13, seed=3), tok, root / "padded"
+        ),
     }
     return out
 
@@ -54,4 +61,6 @@ def models(tmp_path_factory, tok):
 @pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory):
     root = tmp_path_factory.mktemp("prompts")
-    return write_jsonl(root / "train.jsonl", [{"prompt": w + "=", "answer": w[::-1]} for w in words(64)])
+    return write_jsonl(
+        root / "train.jsonl", [{"prompt": w + "=", "answer": w[::-1]} for w in words(64)]
+    )

@@ -15,8 +15,10 @@ RAGGED = [("ab=", "ba"), ("abcdefg=", "gfedcba"), ("c=", "c"), ("hijab=", "bajih
 
 
 def encode(tok, rows):
-    return ([tok(p)["input_ids"] for p, _ in rows],
-            [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, c in rows])
+    return (
+        [tok(p)["input_ids"] for p, _ in rows],
+        [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, c in rows],
+    )
 
 
 def reference_logprobs(model, prompt, completion, vocab):
@@ -35,7 +37,7 @@ def test_batched_left_padded_scoring_equals_one_at_a_time(models, tok, name):
     tokens, attn, mask, plen = pack(prompts, completions, tok.pad_token_id)
     with torch.no_grad():
         lp = completion_logprobs(model, tokens, attn, plen, len(tok))
-    for b, (p, c) in enumerate(zip(prompts, completions)):
+    for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         ref = reference_logprobs(model, p, c, len(tok))
         assert torch.allclose(lp[b][mask[b]], ref, atol=1e-5), name
         assert mask[b].sum() == len(c)
@@ -45,15 +47,17 @@ def test_padded_vocab_rows_take_no_mass(models, tok):
     model = load_model(str(models["padded"]))
     assert model.get_output_embeddings().weight.shape[0] == len(tok) + 13
     with torch.no_grad():  # make the padding rows dominate if they were not cut
-        model.get_output_embeddings().weight[len(tok):] = 50.0
+        model.get_output_embeddings().weight[len(tok) :] = 50.0
     prompts, completions = encode(tok, RAGGED)
     tokens, attn, mask, plen = pack(prompts, completions, tok.pad_token_id)
     with torch.no_grad():
         lp = completion_logprobs(model, tokens, attn, plen, len(tok))
-        logits = model(input_ids=tokens, attention_mask=attn).logits[..., :len(tok)]
+        logits = model(input_ids=tokens, attention_mask=attn).logits[..., : len(tok)]
     assert torch.isfinite(lp).all() and (lp[mask] > -20).all()
     # the cut distribution is normalised over the tokenizer's vocabulary
-    assert torch.allclose(torch.logsumexp(torch.log_softmax(logits, -1), -1), torch.zeros(1), atol=1e-5)
+    assert torch.allclose(
+        torch.logsumexp(torch.log_softmax(logits, -1), -1), torch.zeros(1), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", ["student", "qwen3"])
@@ -63,7 +67,9 @@ def test_sampler_logprobs_equal_trainer_logprobs(models, tok, name):
     prompts = [tok(w)["input_ids"] for w in ("ab=", "abcdefgh=", "c=")]
     batch = sampler.sample(prompts, 3, torch.Generator().manual_seed(0))
     assert batch.num_rows == 9 and batch.num_completion_tokens > 9
-    lp = completion_logprobs(model, batch.tokens_BT, batch.attention_mask_BT, batch.prompt_len, len(tok))
+    lp = completion_logprobs(
+        model, batch.tokens_BT, batch.attention_mask_BT, batch.prompt_len, len(tok)
+    )
     m = batch.completion_mask_BT
     ratio = torch.exp(lp[m] - batch.sampler_lp_BT[m])
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
@@ -76,7 +82,9 @@ def test_sampler_logprobs_equal_trainer_logprobs(models, tok, name):
 def test_teacher_identical_to_student_gives_zero_kl(models, tok):
     model = load_model(str(models["student"]))
     sampler = HFSampler(model, tok.pad_token_id, [tok.eos_token_id], len(tok), max_new_tokens=10)
-    batch = sampler.sample([tok(w)["input_ids"] for w in ("abc=", "de=")], 4, torch.Generator().manual_seed(1))
+    batch = sampler.sample(
+        [tok(w)["input_ids"] for w in ("abc=", "de=")], 4, torch.Generator().manual_seed(1)
+    )
     teacher_lp = LocalTeacher(load_model(str(models["student"])), len(tok)).score(batch)
     m = batch.completion_mask_BT
     kl = (batch.sampler_lp_BT - teacher_lp)[m]
@@ -141,7 +149,7 @@ def test_sampler_first_token_distribution_matches_the_model(models, tok):
     sampler = HFSampler(model, tok.pad_token_id, [tok.eos_token_id], len(tok), max_new_tokens=1)
     batch = sampler.sample([prompt], 4000, torch.Generator().manual_seed(3))
     with torch.no_grad():
-        probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1, :len(tok)], -1)
+        probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1, : len(tok)], -1)
     counts = torch.bincount(batch.tokens_BT[:, -1], minlength=len(tok)).double()
     expected = probs.double() * 4000
     big = expected > 5

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from opd.objectives import (discounted_cumsum, kl_advantages, lr_at, policy_gradient_loss,
-                            reverse_kl)
+from opd.objectives import discounted_cumsum, kl_advantages, lr_at, policy_gradient_loss, reverse_kl
 
 S = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-0.2, -0.4, 0.0, 0.0]])
 T_ = torch.tensor([[-1.5, -1.0, -0.5, 9.0], [-0.1, -3.0, 0.0, 0.0]])
@@ -66,8 +65,12 @@ def test_micro_batches_sum_to_the_full_batch_loss():
     m = torch.rand(6, 5, generator=g) > 0.3
     n = int(m.sum())
     full, _ = policy_gradient_loss(train, sampler, adv, m, n)
-    parts = sum(policy_gradient_loss(train[i:i + 2], sampler[i:i + 2], adv[i:i + 2], m[i:i + 2], n)[0]
-                for i in range(0, 6, 2))
+    parts = sum(
+        policy_gradient_loss(train[i : i + 2], sampler[i : i + 2], adv[i : i + 2], m[i : i + 2], n)[
+            0
+        ]
+        for i in range(0, 6, 2)
+    )
     assert parts.item() == pytest.approx(full.item(), abs=1e-6)
 
 

@@ -27,7 +27,9 @@ PREFIX = "step_"
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -53,7 +55,9 @@ def save(ckpt_root: Path, step: int, model, optimizer, state: dict, keep: int) -
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=1))
+    (tmp / "state.json").write_text(
+        json.dumps({**state, "step": step, "param_groups": groups}, indent=1)
+    )
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -68,8 +72,11 @@ def save(ckpt_root: Path, step: int, model, optimizer, state: dict, keep: int) -
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     if not ckpt_root.is_dir():
         return []
-    found = [p for p in ckpt_root.iterdir()
-             if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    found = [
+        p
+        for p in ckpt_root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -92,8 +99,10 @@ def load(path: Path, model, optimizer) -> dict:
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != expected:
-        raise OpdError(f"checkpoint {path} does not match the model being trained "
-                       f"({len(weights)} tensors saved, {len(expected)} trainable)")
+        raise OpdError(
+            f"checkpoint {path} does not match the model being trained "
+            f"({len(weights)} tensors saved, {len(expected)} trainable)"
+        )
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)

@@ -60,16 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="opd", description="On-policy distillation of language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    d = sub.add_parser("distill", help="distil a teacher into a student, on the student's samples",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=_distill_epilog())
+    d = sub.add_parser(
+        "distill",
+        help="distil a teacher into a student, on the student's samples",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_distill_epilog(),
+    )
     d.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] tables")
     for flag, key in FLAGS.items():
         f = _field(key)
         default = "required" if f.default == "" else f"default {f.default!r}"
-        d.add_argument(flag, dest=key, metavar=f.type.upper(), help=f"{f.metadata['help']} ({key}; {default})")
-    d.add_argument("--force", action="store_true",
-                   help="replace a different run already in --out (its checkpoints and metrics)")
+        d.add_argument(
+            flag, dest=key, metavar=f.type.upper(), help=f"{f.metadata['help']} ({key}; {default})"
+        )
+    d.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a different run already in --out (its checkpoints and metrics)",
+    )
     d.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
 
     e = sub.add_parser("eval", help="greedy completions and exact-match accuracy on a prompts file")
@@ -79,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    e.add_argument("--extractor", default="exact",
-                   help="answer extractor: exact, last-number, boxed, hashes, or module:function")
+    e.add_argument(
+        "--extractor",
+        default="exact",
+        help="answer extractor: exact, last-number, boxed, hashes, or module:function",
+    )
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
@@ -102,8 +113,17 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "eval":
         from opd.evaluate import evaluate
 
-        summary = evaluate(args.model, args.prompts, args.out, args.max_new_tokens, args.batch_size,
-                           args.extractor, args.temperature, args.seed, args.device)
+        summary = evaluate(
+            args.model,
+            args.prompts,
+            args.out,
+            args.max_new_tokens,
+            args.batch_size,
+            args.extractor,
+            args.temperature,
+            args.seed,
+            args.device,
+        )
         print(json.dumps(summary))
     elif args.command == "quickstart":
         from opd.quickstart import quickstart
@@ -120,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         sys.exit(run(argv))
     except OpdError as e:
         print(f"opd: error: {e}", file=sys.stderr)

@@ -243,7 +243,12 @@ def validate(cfg: Config) -> None:
     _check(op.eps > 0, "optim.eps", op.eps, "> 0")
     _check(op.grad_clip >= 0, "optim.grad_clip", op.grad_clip, ">= 0")
     _check(op.warmup_steps >= 0, "optim.warmup_steps", op.warmup_steps, ">= 0")
-    _check(op.schedule in ("constant", "cosine"), "optim.schedule", op.schedule, "'constant' or 'cosine'")
+    _check(
+        op.schedule in ("constant", "cosine"),
+        "optim.schedule",
+        op.schedule,
+        "'constant' or 'cosine'",
+    )
     _check(0 <= op.min_lr_ratio <= 1, "optim.min_lr_ratio", op.min_lr_ratio, "in [0, 1]")
     _check(r.steps >= 1, "run.steps", r.steps, ">= 1")
     _check(r.micro_batch_size >= 0, "run.micro_batch_size", r.micro_batch_size, ">= 0")
@@ -251,14 +256,20 @@ def validate(cfg: Config) -> None:
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, ">= 1")
     _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "'auto', 'cpu' or 'cuda'")
     _check(r.threads >= 0, "run.threads", r.threads, ">= 0")
-    for key, value in (("model.student", m.student), ("model.teacher", m.teacher),
-                       ("data.prompts", d.prompts), ("run.out", r.out)):
+    for key, value in (
+        ("model.student", m.student),
+        ("model.teacher", m.teacher),
+        ("data.prompts", d.prompts),
+        ("run.out", r.out),
+    ):
         _check(bool(value), key, value, "set (it has no default)")
 
 
 def fields_help() -> str:
     """Every config key with its type, default and help, for `--help`."""
-    lines = ["config keys (set in --config FILE.toml as [section] tables, or as section.field=value):"]
+    lines = [
+        "config keys (set in --config FILE.toml as [section] tables, or as section.field=value):"
+    ]
     for section, cls in _SECTION_TYPES.items():
         lines.append(f"  [{section}]")
         for f in dataclasses.fields(cls):

@@ -40,7 +40,9 @@ def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise OpdError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                raise OpdError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                ) from None
             if not isinstance(obj, dict):
                 raise OpdError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             rows.append((lineno, obj))
@@ -53,20 +55,32 @@ def prompt_text(row: dict[str, Any], tokenizer, where: str) -> tuple[str, bool]:
     """The text to encode and whether the tokenizer should add its special tokens (BOS)."""
     if "messages" in row:
         messages = row["messages"]
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
+        ok = (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in messages
+            )
         )
         if not ok:
-            raise OpdError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+            raise OpdError(
+                f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}"
+            )
         if not getattr(tokenizer, "chat_template", None):
-            raise OpdError(f"{where}: row has 'messages' but the tokenizer has no chat template; "
-                           "use {'prompt': str} instead")
+            raise OpdError(
+                f"{where}: row has 'messages' but the tokenizer has no chat template; "
+                "use {'prompt': str} instead"
+            )
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text, False  # chat templates write their own BOS
     if "prompt" in row:
         if not isinstance(row["prompt"], str):
-            raise OpdError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
+            raise OpdError(
+                f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}"
+            )
         if not row["prompt"].strip():
             raise OpdError(f"{where}: empty prompt")
         return row["prompt"], True
@@ -81,8 +95,13 @@ def encode_row(row: dict[str, Any], tokenizer, where: str) -> list[int]:
     return list(ids)
 
 
-def load_prompts(path: str, tokenizer, max_prompt_tokens: int | None = None,
-                 overlong: str = "error", context_note: str = "") -> tuple[list[Prompt], int]:
+def load_prompts(
+    path: str,
+    tokenizer,
+    max_prompt_tokens: int | None = None,
+    overlong: str = "error",
+    context_note: str = "",
+) -> tuple[list[Prompt], int]:
     """Read and encode every row; returns (prompts, number skipped as overlong)."""
     prompts, skipped = [], 0
     for lineno, row in read_jsonl(path):
@@ -92,16 +111,25 @@ def load_prompts(path: str, tokenizer, max_prompt_tokens: int | None = None,
             if overlong == "skip":
                 skipped += 1
                 continue
-            raise OpdError(f"{where}: prompt is {len(ids)} tokens, longer than the {max_prompt_tokens} "
-                           f"allowed{context_note}; shorten it or set data.overlong=skip")
+            raise OpdError(
+                f"{where}: prompt is {len(ids)} tokens, longer than the {max_prompt_tokens} "
+                f"allowed{context_note}; shorten it or set data.overlong=skip"
+            )
         prompts.append(Prompt(ids=ids, row=row, where=where))
     if not prompts:
         raise OpdError(f"{path}: every prompt was skipped as overlong ({skipped} rows)")
     return prompts, skipped
 
 
-def step_indices(step: int, n_prompts: int, batch_prompts: int, seed: int, shuffle: bool,
-                 rank: int = 0, world_size: int = 1) -> list[int]:
+def step_indices(
+    step: int,
+    n_prompts: int,
+    batch_prompts: int,
+    seed: int,
+    shuffle: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[int]:
     """Prompt indices for this rank at `step`: a pure function of the step (exact resume).
 
     The stream is the concatenation of per-epoch permutations; step s takes positions
@@ -133,9 +161,9 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
     tokens_BT = torch.full((B, T), pad_id, dtype=torch.long)
     attention_BT = torch.zeros((B, T), dtype=torch.long)
     completion_BT = torch.zeros((B, T), dtype=torch.bool)
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        tokens_BT[b, prompt_len - len(p):prompt_len] = torch.tensor(p, dtype=torch.long)
-        tokens_BT[b, prompt_len:prompt_len + len(c)] = torch.tensor(c, dtype=torch.long)
-        attention_BT[b, prompt_len - len(p):prompt_len + len(c)] = 1
-        completion_BT[b, prompt_len:prompt_len + len(c)] = True
+    for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        tokens_BT[b, prompt_len - len(p) : prompt_len] = torch.tensor(p, dtype=torch.long)
+        tokens_BT[b, prompt_len : prompt_len + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention_BT[b, prompt_len - len(p) : prompt_len + len(c)] = 1
+        completion_BT[b, prompt_len : prompt_len + len(c)] = True
     return tokens_BT, attention_BT, completion_BT, prompt_len

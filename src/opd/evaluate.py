@@ -47,8 +47,10 @@ def get_extractor(name: str) -> Callable[[str], str]:
         return EXTRACTORS[name]
     module, sep, attr = name.partition(":")
     if not sep:
-        raise OpdError(f"unknown extractor {name!r}: use one of {', '.join(EXTRACTORS)} "
-                       "or 'package.module:function'")
+        raise OpdError(
+            f"unknown extractor {name!r}: use one of {', '.join(EXTRACTORS)} "
+            "or 'package.module:function'"
+        )
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
@@ -57,9 +59,17 @@ def get_extractor(name: str) -> Callable[[str], str]:
 
 
 @torch.inference_mode()
-def evaluate(model_dir: str, prompts_path: str, out: str | None = None, max_new_tokens: int = 64,
-             batch_size: int = 64, extractor: str = "exact", temperature: float = 0.0,
-             seed: int = 0, device: str = "cpu") -> dict:
+def evaluate(
+    model_dir: str,
+    prompts_path: str,
+    out: str | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    extractor: str = "exact",
+    temperature: float = 0.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict:
     """Complete every prompt once; returns a summary (accuracy over rows with an "answer")."""
     if max_new_tokens < 1 or batch_size < 1 or temperature < 0:
         raise OpdError("max_new_tokens and batch_size must be >= 1 and temperature >= 0")
@@ -74,7 +84,7 @@ def evaluate(model_dir: str, prompts_path: str, out: str | None = None, max_new_
     gen = torch.Generator(device=device).manual_seed(seed)
     results = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         batch = sampler.sample([p.ids for p in chunk], 1, gen)
         for b, prompt in enumerate(chunk):
             ids = batch.tokens_BT[b][batch.completion_mask_BT[b]].tolist()
@@ -82,8 +92,11 @@ def evaluate(model_dir: str, prompts_path: str, out: str | None = None, max_new_
             row = {"where": prompt.where, "completion": text, "completion_tokens": len(ids)}
             if "answer" in prompt.row:
                 predicted = str(extract(text)).strip()
-                row.update(extracted=predicted, answer=prompt.row["answer"],
-                           correct=predicted == str(prompt.row["answer"]).strip())
+                row.update(
+                    extracted=predicted,
+                    answer=prompt.row["answer"],
+                    correct=predicted == str(prompt.row["answer"]).strip(),
+                )
             results.append(row)
     scored = [r for r in results if "correct" in r]
     summary = {

@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from opd import checkpoint, config as config_mod
+from opd import checkpoint
+from opd import config as config_mod
 from opd.config import Config
 from opd.data import Prompt, load_prompts, step_indices
 from opd.distributed import DistContext, setup
@@ -30,7 +31,13 @@ from opd.scoring import completion_logprobs
 from opd.teachers import Teacher, make_teacher
 
 # Fields that may change between a run and its resumption without making it a different run.
-RESUMABLE_CHANGES = {"run.steps", "run.save_every", "run.keep_checkpoints", "run.threads", "run.device"}
+RESUMABLE_CHANGES = {
+    "run.steps",
+    "run.save_every",
+    "run.keep_checkpoints",
+    "run.threads",
+    "run.device",
+}
 
 
 @dataclass
@@ -57,23 +64,41 @@ def sampling_generator(seed: int, step: int, rank: int, device: torch.device) ->
 def train_step(step: int, p: Parts) -> dict:
     cfg, ctx = p.cfg, p.ctx
     t0 = time.perf_counter()
-    idx = step_indices(step, len(p.prompts), cfg.data.batch_prompts, cfg.run.seed,
-                       cfg.data.shuffle, ctx.rank, ctx.world_size)
+    idx = step_indices(
+        step,
+        len(p.prompts),
+        cfg.data.batch_prompts,
+        cfg.run.seed,
+        cfg.data.shuffle,
+        ctx.rank,
+        ctx.world_size,
+    )
     gen = sampling_generator(cfg.run.seed, step, ctx.rank, ctx.device)
     batch = p.sampler.sample([p.prompts[i].ids for i in idx], cfg.sampling.group_size, gen)
     t1 = time.perf_counter()
 
     batch.teacher_lp_BT = p.teacher.score(batch)
     mask_BT = batch.completion_mask_BT
-    batch.advantages_BT = kl_advantages(batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT,
-                                        cfg.objective.kl_coef, cfg.objective.discount)
+    batch.advantages_BT = kl_advantages(
+        batch.sampler_lp_BT,
+        batch.teacher_lp_BT,
+        mask_BT,
+        cfg.objective.kl_coef,
+        cfg.objective.discount,
+    )
     t2 = time.perf_counter()
 
     # Normalise by the completion tokens of the whole step (every micro-batch, every rank).
     local_tokens = batch.num_completion_tokens
     n_tokens, n_rows = ctx.sum([local_tokens, batch.num_rows])
-    lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.run.steps, cfg.optim.schedule,
-               cfg.optim.min_lr_ratio)
+    lr = lr_at(
+        step,
+        cfg.optim.lr,
+        cfg.optim.warmup_steps,
+        cfg.run.steps,
+        cfg.optim.schedule,
+        cfg.optim.min_lr_ratio,
+    )
     for group in p.optimizer.param_groups:
         group["lr"] = lr
     p.optimizer.zero_grad(set_to_none=True)
@@ -82,10 +107,17 @@ def train_step(step: int, p: Parts) -> dict:
     mbs = cfg.run.micro_batch_size or batch.num_rows
     for start in range(0, batch.num_rows, mbs):
         mb = batch.slice(start, start + mbs)
-        train_lp_BT = completion_logprobs(p.student, mb.tokens_BT, mb.attention_mask_BT,
-                                          batch.prompt_len, p.vocab_size)
-        loss, stats = policy_gradient_loss(train_lp_BT, mb.sampler_lp_BT, mb.advantages_BT,
-                                           mb.completion_mask_BT, n_tokens, cfg.objective.clip_ratio)
+        train_lp_BT = completion_logprobs(
+            p.student, mb.tokens_BT, mb.attention_mask_BT, batch.prompt_len, p.vocab_size
+        )
+        loss, stats = policy_gradient_loss(
+            train_lp_BT,
+            mb.sampler_lp_BT,
+            mb.advantages_BT,
+            mb.completion_mask_BT,
+            n_tokens,
+            cfg.objective.clip_ratio,
+        )
         loss.backward()
         loss_sum += loss.item()
         ratio_sum += stats["ratio_sum"].item()
@@ -93,8 +125,10 @@ def train_step(step: int, p: Parts) -> dict:
     ctx.sum_gradients(p.params)
     grad_norm = torch.nn.utils.clip_grad_norm_(p.params, cfg.optim.grad_clip or math.inf).item()
     if not math.isfinite(grad_norm):
-        raise OpdError(f"step {step + 1}: gradient norm is {grad_norm}; the step was not applied "
-                       "(try a lower optim.lr); the last checkpoint is intact")
+        raise OpdError(
+            f"step {step + 1}: gradient norm is {grad_norm}; the step was not applied "
+            "(try a lower optim.lr); the last checkpoint is intact"
+        )
     p.optimizer.step()
     t3 = time.perf_counter()
 
@@ -102,7 +136,8 @@ def train_step(step: int, p: Parts) -> dict:
     teacher_lp_sum = batch.teacher_lp_BT[mask_BT].sum().item()
     sampler_lp_sum = batch.sampler_lp_BT[mask_BT].sum().item()
     loss_sum, kl_sum, ratio_sum, teacher_lp_sum, sampler_lp_sum = ctx.sum(
-        [loss_sum, kl_sum, ratio_sum, teacher_lp_sum, sampler_lp_sum])
+        [loss_sum, kl_sum, ratio_sum, teacher_lp_sum, sampler_lp_sum]
+    )
     (ratio_max,) = ctx.max([ratio_max])
     denom = max(n_tokens, 1)
     return {
@@ -131,15 +166,17 @@ def distill(cfg: Config, force: bool = False) -> Path:
     try:
         out = Path(cfg.run.out)
         ckpt_root = out / "checkpoints"
+        parts = setup_run(cfg, ctx)  # every input is checked before anything is written
         if ctx.is_main:
             prepare_out(out, cfg, force)
         ctx.barrier()
-        parts = setup_run(cfg, ctx)
         start = resume(ckpt_root, parts)
         final_dir = out / "final"
         if start >= cfg.run.steps and final_dir.is_dir():
             if ctx.is_main:
-                print(f"run in {out} is already complete ({start} steps); final model in {final_dir}")
+                print(
+                    f"run in {out} is already complete ({start} steps); final model in {final_dir}"
+                )
             return final_dir
         logger = MetricsLogger(out / "metrics.jsonl", start, cfg.run.steps, enabled=ctx.is_main)
         for step in range(start, cfg.run.steps):
@@ -147,9 +184,14 @@ def distill(cfg: Config, force: bool = False) -> Path:
             done = step + 1
             if done % cfg.run.save_every == 0 or done == cfg.run.steps:
                 if ctx.is_main:
-                    checkpoint.save(ckpt_root, done, parts.student, parts.optimizer,
-                                    {"data_cursor": done * cfg.data.batch_prompts},
-                                    cfg.run.keep_checkpoints)
+                    checkpoint.save(
+                        ckpt_root,
+                        done,
+                        parts.student,
+                        parts.optimizer,
+                        {"data_cursor": done * cfg.data.batch_prompts},
+                        cfg.run.keep_checkpoints,
+                    )
                 ctx.barrier()
         logger.close()
         if ctx.is_main:
@@ -169,12 +211,20 @@ def prepare_out(out: Path, cfg: Config, force: bool) -> None:
         try:
             old = json.loads(cfg_path.read_text())
         except json.JSONDecodeError:
-            raise OpdError(f"{cfg_path} is not valid JSON; pass --force to start a new run there") from None
-        diff = [f"{s}.{k}" for s, table in new.items() for k, v in table.items()
-                if f"{s}.{k}" not in RESUMABLE_CHANGES and old.get(s, {}).get(k) != v]
+            raise OpdError(
+                f"{cfg_path} is not valid JSON; pass --force to start a new run there"
+            ) from None
+        diff = [
+            f"{s}.{k}"
+            for s, table in new.items()
+            for k, v in table.items()
+            if f"{s}.{k}" not in RESUMABLE_CHANGES and old.get(s, {}).get(k) != v
+        ]
         if diff:
-            raise OpdError(f"{out} holds a different run ({', '.join(diff)} differ); "
-                           "use another --out, or --force to replace it")
+            raise OpdError(
+                f"{out} holds a different run ({', '.join(diff)} differ); "
+                "use another --out, or --force to replace it"
+            )
     elif force:
         for name in ("checkpoints", "final", "final.tmp"):
             shutil.rmtree(out / name, ignore_errors=True)
@@ -190,14 +240,19 @@ def context_length(model) -> int | None:
 def setup_run(cfg: Config, ctx: DistContext) -> Parts:
     m = cfg.model
     if cfg.data.batch_prompts % ctx.world_size:
-        raise OpdError(f"data.batch_prompts={cfg.data.batch_prompts} must be divisible by the "
-                       f"number of processes ({ctx.world_size})")
-    if cfg.sampling.temperature != 1.0 or cfg.sampling.top_p < 1.0 or cfg.sampling.top_k > 0:
-        warnings.warn(
-            "sampling with temperature != 1, top_p or top_k: the sampler's log-probs are those of "
-            "the adjusted (renormalised) distribution, not the student's, so the importance ratio "
-            "exp(logp_train - logp_sampler) is not 1 even before any update and training is "
-            "off-policy by that amount", stacklevel=2)
+        raise OpdError(
+            f"data.batch_prompts={cfg.data.batch_prompts} must be divisible by the "
+            f"number of processes ({ctx.world_size})"
+        )
+    s = cfg.sampling
+    if (s.temperature != 1.0 or s.top_p < 1.0 or s.top_k > 0) and ctx.is_main:
+        print(
+            "opd: warning: sampling.temperature/top_p/top_k change the sampling distribution: "
+            "sampler log-probs are those of the adjusted, renormalised distribution, so the "
+            "importance ratio exp(logp_train - logp_sampler) starts away from 1 and the "
+            "update is off-policy by that much",
+            file=sys.stderr,
+        )
     torch.manual_seed(cfg.run.seed)
     tokenizer = load_tokenizer(m.student, "model.student")
     teacher_tok = load_tokenizer(m.teacher, "model.teacher")
@@ -207,22 +262,37 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
     limits = [n for n in (context_length(student), context_length(teacher_model)) if n]
     max_prompt = min(limits) - cfg.sampling.max_new_tokens if limits else None
     if max_prompt is not None and max_prompt < 1:
-        raise OpdError(f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a "
-                       f"prompt in the {min(limits)}-token context")
-    note = f" (context {min(limits)} - max_new_tokens {cfg.sampling.max_new_tokens})" if limits else ""
-    prompts, skipped = load_prompts(cfg.data.prompts, tokenizer, max_prompt, cfg.data.overlong, note)
+        raise OpdError(
+            f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a "
+            f"prompt in the {min(limits)}-token context"
+        )
+    note = (
+        f" (context {min(limits)} - max_new_tokens {cfg.sampling.max_new_tokens})" if limits else ""
+    )
+    prompts, skipped = load_prompts(
+        cfg.data.prompts, tokenizer, max_prompt, cfg.data.overlong, note
+    )
     if skipped and ctx.is_main:
         print(f"skipped {skipped} overlong prompts (data.overlong=skip); {len(prompts)} remain")
     if m.lora_rank > 0:
-        student = add_lora(student, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+        student = add_lora(
+            student, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules
+        )
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    s = cfg.sampling
-    sampler = make_sampler(student, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    sampler = make_sampler(
+        student, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k
+    )
     teacher = make_teacher(teacher_model, vocab_size, cfg.run.micro_batch_size)
-    return Parts(cfg, ctx, student, params, optimizer, sampler, teacher, prompts, vocab_size,
-                 tokenizer)
+    return Parts(
+        cfg, ctx, student, params, optimizer, sampler, teacher, prompts, vocab_size, tokenizer
+    )
 
 
 def resume(ckpt_root: Path, parts: Parts) -> int:

@@ -19,14 +19,22 @@ class MetricsLogger:
             return
         if path is not None and path.exists():
             # Drop rows past the checkpoint we resume from: they will be produced again.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step
+            ]
             path.write_text("".join(line + "\n" for line in kept))
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="distill",
+                unit="step",
+                dynamic_ncols=True,
+            )
         self.total_steps = total_steps
 
     def log(self, metrics: dict) -> None:
@@ -40,9 +48,13 @@ class MetricsLogger:
             self.bar.set_postfix({"kl": f"{kl:.4f}", "tok/s": f"{tps:.0f}"}, refresh=False)
             self.bar.update(1)
         else:
-            print(f"step {metrics['step']}/{self.total_steps} | teacher/kl {kl:.4f} | "
-                  f"loss {metrics['loss']:+.4f} | {tps:.0f} tok/s | "
-                  f"{metrics['time/step']:.2f} s", file=sys.stderr, flush=True)
+            print(
+                f"step {metrics['step']}/{self.total_steps} | teacher/kl {kl:.4f} | "
+                f"loss {metrics['loss']:+.4f} | {tps:.0f} tok/s | "
+                f"{metrics['time/step']:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -28,7 +28,9 @@ def load_tokenizer(path: str, what: str = "model"):
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # transformers raises many types for a broken folder
-        raise OpdError(f"{what}: could not load a tokenizer from {path}: {_first_line(e)}") from None
+        raise OpdError(
+            f"{what}: could not load a tokenizer from {path}: {_first_line(e)}"
+        ) from None
     if tok.pad_token_id is None:
         # Padding is never trained on (masks come from the sampler), so EOS is a safe pad.
         tok.pad_token = tok.eos_token
@@ -43,9 +45,13 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", what: str
     p = _check_folder(path, what)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=DTYPES[dtype], local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(p), dtype=DTYPES[dtype], local_files_only=True
+        )
     except Exception as e:
-        raise OpdError(f"{what}: could not load a causal LM from {path}: {_first_line(e)}") from None
+        raise OpdError(
+            f"{what}: could not load a causal LM from {path}: {_first_line(e)}"
+        ) from None
     return model.to(device)
 
 
@@ -102,11 +108,18 @@ def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: str
     """Wrap `model` with peft LoRA adapters; returns the peft model (base weights frozen)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = target_modules if target_modules == "all-linear" else [
-        t.strip() for t in target_modules.split(",") if t.strip()
-    ]
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                     task_type="CAUSAL_LM")
+    targets = (
+        target_modules
+        if target_modules == "all-linear"
+        else [t.strip() for t in target_modules.split(",") if t.strip()]
+    )
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:

@@ -24,7 +24,9 @@ import math
 import torch
 
 
-def reverse_kl(sampler_lp_BT: torch.Tensor, teacher_lp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+def reverse_kl(
+    sampler_lp_BT: torch.Tensor, teacher_lp_BT: torch.Tensor, mask_BT: torch.Tensor
+) -> torch.Tensor:
     """Per-token reverse KL estimate k_t = logp_sampler - logp_teacher, 0 off the mask."""
     return torch.where(mask_BT, sampler_lp_BT - teacher_lp_BT, torch.zeros_like(sampler_lp_BT))
 
@@ -92,8 +94,14 @@ def policy_gradient_loss(
     return loss, stats
 
 
-def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, schedule: str,
-          min_lr_ratio: float = 0.0) -> float:
+def lr_at(
+    step: int,
+    peak_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str,
+    min_lr_ratio: float = 0.0,
+) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant or cosine."""
     if warmup_steps > 0 and step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps

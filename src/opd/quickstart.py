@@ -13,7 +13,6 @@ import random
 import time
 from pathlib import Path
 
-
 from opd import tiny
 from opd.config import build_config
 from opd.evaluate import evaluate
@@ -35,7 +34,9 @@ def _words(n: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
 
 
 def _write_prompts(path: Path, words: list[str]) -> None:
-    path.write_text("".join(json.dumps({"prompt": w + "=", "answer": w[::-1]}) + "\n" for w in words))
+    path.write_text(
+        "".join(json.dumps({"prompt": w + "=", "answer": w[::-1]}) + "\n" for w in words)
+    )
 
 
 def quickstart(out: str = "runs/quickstart", steps: int = 40, seed: int = 0) -> dict:
@@ -62,16 +63,29 @@ def quickstart(out: str = "runs/quickstart", steps: int = 40, seed: int = 0) -> 
         return evaluate(str(model_dir), str(root / "test.jsonl"), max_new_tokens=8)["accuracy"]
 
     before = {"teacher": accuracy(root / "teacher"), "student": accuracy(root / "student")}
-    cfg = build_config(None, {
-        "model.student": str(root / "student"), "model.teacher": str(root / "teacher"),
-        "data.prompts": str(root / "train.jsonl"), "run.out": str(root / "distill"),
-        "run.steps": steps, "run.seed": seed, "data.batch_prompts": 16, "sampling.group_size": 4,
-        "sampling.max_new_tokens": 8, "optim.lr": 1e-3, "run.save_every": steps,
-    }, [])
+    cfg = build_config(
+        None,
+        {
+            "model.student": str(root / "student"),
+            "model.teacher": str(root / "teacher"),
+            "data.prompts": str(root / "train.jsonl"),
+            "run.out": str(root / "distill"),
+            "run.steps": steps,
+            "run.seed": seed,
+            "data.batch_prompts": 16,
+            "sampling.group_size": 4,
+            "sampling.max_new_tokens": 8,
+            "optim.lr": 1e-3,
+            "run.save_every": steps,
+        },
+        [],
+    )
     print(f"distilling on-policy for {steps} steps (16 prompts x 4 samples a step) ...")
     final = distill(cfg, force=True)
     after = accuracy(final)
-    metrics = [json.loads(line) for line in (root / "distill" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(line) for line in (root / "distill" / "metrics.jsonl").read_text().splitlines()
+    ]
     result = {
         "teacher_accuracy": before["teacher"],
         "student_accuracy_before": before["student"],
@@ -89,7 +103,9 @@ def quickstart(out: str = "runs/quickstart", steps: int = 40, seed: int = 0) -> 
     print(f"| student before distillation | {before['student']:.1%} |")
     print(f"| student after {steps} steps of on-policy distillation | {after:.1%} |")
     print()
-    print(f"teacher/kl (per token): {result['teacher_kl_first_step']:.3f} at step 1 -> "
-          f"{result['teacher_kl_last_step']:.3f} at step {steps}; wall time {result['wall_seconds']} s")
+    print(
+        f"teacher/kl (per token): {result['teacher_kl_first_step']:.3f} at step 1 -> "
+        f"{result['teacher_kl_last_step']:.3f} at step {steps}; wall time {result['wall_seconds']} s"
+    )
     print(f"files: {root}/distill/ (metrics.jsonl, checkpoints/, final/), {root}/result.json")
     return result

@@ -25,24 +25,48 @@ def char_tokenizer(chars: str = CHARS, add_bos: bool = True):
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
     if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 1)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
-def tiny_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, heads: int = 4,
-               kv_heads: int = 2, max_positions: int = 256, vocab_pad: int = 0, seed: int = 0):
+def tiny_model(
+    tokenizer,
+    arch: str = "llama",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 256,
+    vocab_pad: int = 0,
+    seed: int = 0,
+):
     """A randomly initialised Llama or Qwen3 causal LM sized for CPU tests.
 
     vocab_pad adds embedding rows beyond the tokenizer, as Qwen does (151936 -> 152064).
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-    common = dict(vocab_size=len(tokenizer) + vocab_pad, hidden_size=hidden,
-                  intermediate_size=hidden * 4, num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=len(tokenizer) + vocab_pad,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     if arch == "llama":
         config = LlamaConfig(**common)
     elif arch == "qwen3":
@@ -60,8 +84,15 @@ def save(model, tokenizer, path: str | Path) -> Path:
     return path
 
 
-def fit(model, tokenizer, pairs: list[tuple[str, str]], steps: int, lr: float = 3e-3,
-        batch_size: int = 32, seed: int = 0) -> float:
+def fit(
+    model,
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    steps: int,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> float:
     """Teacher-forced cross-entropy on the completions of (prompt, completion) pairs (EOS added).
 
     Used to make teachers with a known behaviour; returns the last batch's mean loss.
@@ -70,16 +101,21 @@ def fit(model, tokenizer, pairs: list[tuple[str, str]], steps: int, lr: float = 
     from opd.scoring import completion_logprobs
 
     g = torch.Generator().manual_seed(seed)
-    enc = [(tokenizer(p)["input_ids"],
-            tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-           for p, c in pairs]
+    enc = [
+        (
+            tokenizer(p)["input_ids"],
+            tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+        )
+        for p, c in pairs
+    ]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     loss = torch.tensor(0.0)
     for _ in range(steps):
         idx = torch.randint(len(enc), (batch_size,), generator=g).tolist()
-        tokens_BT, attn_BT, mask_BT, plen = pack([enc[i][0] for i in idx], [enc[i][1] for i in idx],
-                                                 tokenizer.pad_token_id)
+        tokens_BT, attn_BT, mask_BT, plen = pack(
+            [enc[i][0] for i in idx], [enc[i][1] for i in idx], tokenizer.pad_token_id
+        )
         lp_BT = completion_logprobs(model, tokens_BT, attn_BT, plen, len(tokenizer))
         loss = -lp_BT[mask_BT].mean()
         opt.zero_grad(set_to_none=True)

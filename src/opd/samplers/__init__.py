@@ -14,17 +14,32 @@ from opd.types import Rollouts
 
 
 class Sampler(Protocol):
-    def sample(self, prompts_P: list[list[int]], group_size: int,
-               generator: torch.Generator) -> Rollouts:
+    def sample(
+        self, prompts_P: list[list[int]], group_size: int, generator: torch.Generator
+    ) -> Rollouts:
         """Sample `group_size` completions per prompt (rows grouped by prompt, prompt-major)."""
         ...
 
 
-def make_sampler(model, tokenizer, vocab_size: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0) -> Sampler:
+def make_sampler(
+    model,
+    tokenizer,
+    vocab_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> Sampler:
     from opd.models import stop_token_ids
     from opd.samplers.hf import HFSampler
 
-    return HFSampler(model, pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(tokenizer, model),
-                     vocab_size=vocab_size, max_new_tokens=max_new_tokens,
-                     temperature=temperature, top_p=top_p, top_k=top_k)
+    return HFSampler(
+        model,
+        pad_id=tokenizer.pad_token_id,
+        stop_ids=stop_token_ids(tokenizer, model),
+        vocab_size=vocab_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+    )

@@ -20,15 +20,20 @@ from opd.models import inner_model
 from opd.types import Rollouts, position_ids
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_kwarg(cls) -> str:
     # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
     params = inspect.signature(cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
-def sample_token(logits_BV: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_token(
+    logits_BV: torch.Tensor,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row; return (token_B, logprob_B) under the distribution sampled from.
 
     temperature 0 is greedy (log-prob of the raw distribution). With top-k / top-p the log-prob is
@@ -56,8 +61,17 @@ def sample_token(logits_BV: torch.Tensor, generator: torch.Generator, temperatur
 
 
 class HFSampler:
-    def __init__(self, model, pad_id: int, stop_ids: list[int], vocab_size: int, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+    def __init__(
+        self,
+        model,
+        pad_id: int,
+        stop_ids: list[int],
+        vocab_size: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+    ):
         self.model = model
         self.pad_id = pad_id
         self.stop_ids = stop_ids
@@ -65,14 +79,17 @@ class HFSampler:
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
 
-    def sample(self, prompts_P: list[list[int]], group_size: int,
-               generator: torch.Generator) -> Rollouts:
+    def sample(
+        self, prompts_P: list[list[int]], group_size: int, generator: torch.Generator
+    ) -> Rollouts:
         with torch.inference_mode():
             out = self._decode(prompts_P, group_size, generator)
         # Plain tensors again (inference tensors cannot enter the trainer's autograd graph).
         return Rollouts(**{k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()})
 
-    def _decode(self, prompts_P: list[list[int]], group_size: int, generator: torch.Generator) -> dict:
+    def _decode(
+        self, prompts_P: list[list[int]], group_size: int, generator: torch.Generator
+    ) -> dict:
         model = inner_model(self.model)
         device = next(model.parameters()).device
         prompt_index_B = torch.arange(len(prompts_P)).repeat_interleave(group_size)
@@ -82,8 +99,8 @@ class HFSampler:
         tokens_BT = torch.full((B, Lp + N), self.pad_id, dtype=torch.long, device=device)
         attention_BT = torch.zeros((B, Lp + N), dtype=torch.long, device=device)
         for b, row in enumerate(rows):
-            tokens_BT[b, Lp - len(row):Lp] = torch.tensor(row, device=device)
-            attention_BT[b, Lp - len(row):Lp] = 1
+            tokens_BT[b, Lp - len(row) : Lp] = torch.tensor(row, device=device)
+            attention_BT[b, Lp - len(row) : Lp] = 1
         completion_BT = torch.zeros((B, Lp + N), dtype=torch.bool, device=device)
         sampler_lp_BT = torch.zeros((B, Lp + N), dtype=torch.float32, device=device)
         stop_ids = torch.tensor(self.stop_ids, device=device)
@@ -93,15 +110,24 @@ class HFSampler:
         model.eval()
         cache_kw = _cache_kwarg(type(model))
         pos_BT = position_ids(attention_BT[:, :Lp])
-        out = model(input_ids=tokens_BT[:, :Lp], attention_mask=attention_BT[:, :Lp],
-                    position_ids=pos_BT, use_cache=True)
+        out = model(
+            input_ids=tokens_BT[:, :Lp],
+            attention_mask=attention_BT[:, :Lp],
+            position_ids=pos_BT,
+            use_cache=True,
+        )
         cache = getattr(out, cache_kw)
         next_pos_B = pos_BT[:, -1] + 1
         n_new = 0
         for i in range(N):
             col = Lp + i
-            token_B, lp_B = sample_token(out.logits[:, -1, : self.vocab_size], generator,
-                                         self.temperature, self.top_k, self.top_p)
+            token_B, lp_B = sample_token(
+                out.logits[:, -1, : self.vocab_size],
+                generator,
+                self.temperature,
+                self.top_k,
+                self.top_p,
+            )
             alive_B = ~finished_B
             tokens_BT[:, col] = torch.where(alive_B, token_B, self.pad_id)
             sampler_lp_BT[:, col] = torch.where(alive_B, lp_B, 0.0)
@@ -111,13 +137,23 @@ class HFSampler:
             n_new = i + 1
             if i == N - 1 or bool(finished_B.all()):
                 break
-            out = model(input_ids=tokens_BT[:, col:col + 1], attention_mask=attention_BT[:, :col + 1],
-                        position_ids=next_pos_B[:, None], use_cache=True, **{cache_kw: cache})
+            out = model(
+                input_ids=tokens_BT[:, col : col + 1],
+                attention_mask=attention_BT[:, : col + 1],
+                position_ids=next_pos_B[:, None],
+                use_cache=True,
+                **{cache_kw: cache},
+            )
             cache = getattr(out, cache_kw)
             next_pos_B = next_pos_B + 1
         model.train(was_training)
 
         T = Lp + n_new
-        return dict(tokens_BT=tokens_BT[:, :T], attention_mask_BT=attention_BT[:, :T],
-                    completion_mask_BT=completion_BT[:, :T], prompt_len=Lp,
-                    sampler_lp_BT=sampler_lp_BT[:, :T], prompt_index_B=prompt_index_B)
+        return dict(
+            tokens_BT=tokens_BT[:, :T],
+            attention_mask_BT=attention_BT[:, :T],
+            completion_mask_BT=completion_BT[:, :T],
+            prompt_len=Lp,
+            sampler_lp_BT=sampler_lp_BT[:, :T],
+            prompt_index_B=prompt_index_B,
+        )

@@ -25,9 +25,13 @@ class LocalTeacher:
         parts = []
         for start in range(0, rollouts.num_rows, step):
             mb = rollouts.slice(start, start + step)
-            lp_BT = completion_logprobs(self.model, mb.tokens_BT.to(device),
-                                        mb.attention_mask_BT.to(device), rollouts.prompt_len,
-                                        self.vocab_size)
+            lp_BT = completion_logprobs(
+                self.model,
+                mb.tokens_BT.to(device),
+                mb.attention_mask_BT.to(device),
+                rollouts.prompt_len,
+                self.vocab_size,
+            )
             parts.append(lp_BT.float())
         lp_BT = torch.cat(parts)
         return torch.where(rollouts.completion_mask_BT.to(lp_BT.device), lp_BT, 0.0)

@@ -1,0 +1,329 @@
+"""End-to-end: `opd distill` and `opd eval` in subprocesses, resume, LoRA, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opd import tiny
+from opd.cli import main
+
+from .conftest import write_jsonl
+
+SMALL = ["--batch-prompts", "4", "--group-size", "2", "--max-new-tokens", "8", "--lr", "1e-3"]
+
+
+def distill_args(models, prompts, out, steps=3, *extra):
+    return [
+        "distill",
+        "--student",
+        str(models["student"]),
+        "--teacher",
+        str(models["teacher"]),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        *SMALL,
+        *extra,
+    ]
+
+
+def run_cli(args, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "opd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_three_step_run_writes_every_file(models, prompts_file, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(distill_args(models, prompts_file, out, 3, "--save-every", "2"))
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["run"]["steps"] == 3 and cfg["model"]["student"] == str(models["student"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in (
+        "teacher/kl",
+        "loss",
+        "optim/lr",
+        "optim/grad_norm",
+        "ratio/mean",
+        "ratio/max",
+        "tokens/completion",
+        "time/sample",
+        "time/teacher",
+        "time/train",
+    ):
+        assert key in rows[0], key
+    assert abs(rows[0]["ratio/mean"] - 1.0) < 1e-4  # on-policy before the first update
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        assert (out / "checkpoints" / "step_000003" / name).is_file()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    AutoTokenizer.from_pretrained(out / "final")
+    before = weights(models["student"])
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    # running the finished command again does nothing and says so
+    again = run_cli(distill_args(models, prompts_file, out, 3, "--save-every", "2"))
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_lora_run_final_loads_with_merged_weights(models, prompts_file, tmp_path):
+    out = tmp_path / "lora"
+    r = run_cli(
+        distill_args(
+            models,
+            prompts_file,
+            out,
+            2,
+            "--lora-rank",
+            "4",
+            "model.lora_target_modules=q_proj,v_proj",
+        )
+    )
+    assert r.returncode == 0, r.stderr
+    ckpt = load_file(str(out / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    assert ckpt and all("lora_" in k for k in ckpt)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    sd = model.state_dict()
+    assert not any("lora" in k for k in sd)
+    base = weights(models["student"])
+    changed = [k for k in base if not torch.equal(base[k], sd[k])]
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
+def test_resume_after_kill_is_bit_identical(models, prompts_file, tmp_path):
+    args = ["--save-every", "1", "--seed", "7"]
+    straight = tmp_path / "straight"
+    assert run_cli(distill_args(models, prompts_file, straight, 6, *args)).returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opd", *distill_args(models, prompts_file, killed, 6, *args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_000002").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before step 2"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists(), "the run finished before it could be killed"
+
+    r = run_cli(distill_args(models, prompts_file, killed, 6, *args))
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout
+    a, b = weights(straight / "final"), weights(killed / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    ref = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["teacher/kl"] for r in rows] == [r["teacher/kl"] for r in ref]
+
+
+def test_eval_reports_accuracy_and_rows(models, tmp_path):
+    prompts = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "abc=", "answer": "cba"},
+            {"prompt": "hgf=", "answer": "fgh"},
+            {"prompt": "ab="},
+        ],
+    )
+    out = tmp_path / "eval.jsonl"
+    r = run_cli(
+        [
+            "eval",
+            "--model",
+            str(models["teacher"]),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "8",
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["rows"] == 3 and summary["scored"] == 2 and len(rows) == 3
+    assert summary["accuracy"] == sum(r.get("correct", False) for r in rows) / 2
+    assert "correct" not in rows[2]
+    for row in rows[:2]:
+        assert row["correct"] == (row["extracted"] == row["answer"])
+
+
+# ---- bad input: one line naming the cause, exit 2, no traceback, nothing written ----
+
+
+def call(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    return exc.value.code, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture()
+def bad_rows(tmp_path):
+    def make(lines: list[str]) -> Path:
+        p = tmp_path / "bad.jsonl"
+        p.write_text("\n".join(lines) + "\n")
+        return p
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "lines,needles",
+    [
+        (
+            ['{"prompt": "ab="}', "", '{"prompt": "ab="', '{"prompt": "c="}'],
+            ["bad.jsonl:3", "invalid JSON"],
+        ),
+        (
+            ['{"prompt": "ab="}', '{"question": "x"}'],
+            ["bad.jsonl:2", "neither 'prompt' nor 'messages'"],
+        ),
+        (['{"prompt": "   "}'], ["bad.jsonl:1", "empty prompt"]),
+        (['["ab="]'], ["bad.jsonl:1", "expected a JSON object"]),
+        (['{"prompt": 5}'], ["bad.jsonl:1", "'prompt' must be a string"]),
+        (
+            ['{"messages": [{"role": "user", "content": "hi"}]}'],
+            ["bad.jsonl:1", "no chat template"],
+        ),
+        (
+            [json.dumps({"prompt": "a" * 300})],
+            ["bad.jsonl:1", "prompt is 301 tokens", "data.overlong=skip"],
+        ),
+        ([""], ["bad.jsonl", "no prompts"]),
+    ],
+)
+def test_bad_prompt_files(models, tmp_path, bad_rows, capsys, lines, needles):
+    out = tmp_path / "out"
+    code, err = call(distill_args(models, bad_rows(lines), out), capsys)
+    assert_one_line_error(code, err, *needles)
+    assert not out.exists()
+
+
+def test_overlong_skip_drops_and_counts(models, tmp_path, bad_rows, capsys):
+    prompts = bad_rows(
+        ['{"prompt": "ab="}', json.dumps({"prompt": "a" * 300}), '{"prompt": "cd="}']
+    )
+    with pytest.raises(SystemExit) as exc:
+        main(distill_args(models, prompts, tmp_path / "out", 1, "--overlong", "skip"))
+    assert exc.value.code == 0
+    assert "skipped 1 overlong prompts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra,needles",
+    [
+        (["--steps", "abc"], ["run.steps", "expected an integer", "'abc'"]),
+        (["--lr", "-1"], ["optim.lr=-1.0", "> 0"]),
+        (["--group-size", "0"], ["sampling.group_size=0"]),
+        (["--overlong", "drop"], ["data.overlong='drop'"]),
+        (["nosuch.key=1"], ["unknown config key 'nosuch.key'"]),
+        (["optim.schedule=linear"], ["optim.schedule='linear'"]),
+        (["justtext"], ["bad override 'justtext'"]),
+        (["--config", "/nonexistent.toml"], ["config file not found: /nonexistent.toml"]),
+    ],
+)
+def test_bad_flag_values(models, prompts_file, tmp_path, capsys, extra, needles):
+    out = tmp_path / "out"
+    code, err = call(distill_args(models, prompts_file, out, 3, *extra), capsys)
+    assert_one_line_error(code, err, *needles)
+    assert not out.exists()
+
+
+def test_missing_model_folder_and_non_model_folder(models, prompts_file, tmp_path, capsys):
+    args = distill_args(models, prompts_file, tmp_path / "out")
+    args[args.index("--teacher") + 1] = str(tmp_path / "nope")
+    assert_one_line_error(*call(args, capsys), "model.teacher", "model folder not found", "nope")
+    (tmp_path / "empty").mkdir()
+    args[args.index("--teacher") + 1] = str(tmp_path / "empty")
+    assert_one_line_error(*call(args, capsys), "not a Hugging Face model folder")
+
+
+def test_tokenizers_that_differ_are_refused(models, prompts_file, tmp_path, capsys):
+    other_tok = tiny.char_tokenizer(chars=tiny.CHARS + "#")
+    other = tiny.save(
+        tiny.tiny_model(other_tok, hidden=32, layers=1), other_tok, tmp_path / "other"
+    )
+    args = distill_args(models, prompts_file, tmp_path / "out")
+    args[args.index("--teacher") + 1] = str(other)
+    assert_one_line_error(*call(args, capsys), "tokenizers differ")
+
+
+def test_padded_teacher_embeddings_are_accepted(models, prompts_file, tmp_path, capsys):
+    args = distill_args(models, prompts_file, tmp_path / "out", 1)
+    args[args.index("--teacher") + 1] = str(models["padded"])
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0, capsys.readouterr().err
+
+
+def test_different_run_in_out_is_refused_then_force_replaces_it(
+    models, prompts_file, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        main(distill_args(models, prompts_file, out, 1))
+    capsys.readouterr()
+    saved = (out / "config.json").read_text()
+    metrics = (out / "metrics.jsonl").read_text()
+    code, err = call(distill_args(models, prompts_file, out, 1, "--kl-coef", "2"), capsys)
+    assert_one_line_error(code, err, "holds a different run", "objective.kl_coef")
+    assert (out / "config.json").read_text() == saved and (
+        out / "metrics.jsonl"
+    ).read_text() == metrics
+    with pytest.raises(SystemExit) as exc:
+        main(distill_args(models, prompts_file, out, 1, "--kl-coef", "2", "--force"))
+    assert exc.value.code == 0
+    assert json.loads((out / "config.json").read_text())["objective"]["kl_coef"] == 2.0
+
+
+def test_subprocess_error_has_no_traceback(models, tmp_path):
+    r = run_cli(distill_args(models, tmp_path / "missing.jsonl", tmp_path / "out"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"opd: error: prompts file not found: {tmp_path / 'missing.jsonl'}"
+    ]
