@@ -327,3 +327,14 @@ def test_subprocess_error_has_no_traceback(models, tmp_path):
     assert r.stderr.strip().splitlines() == [
         f"opd: error: prompts file not found: {tmp_path / 'missing.jsonl'}"
     ]
+
+
+def test_quickstart_smoke(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "2"])
+    assert exc.value.code == 0
+    result = json.loads((tmp_path / "qs" / "result.json").read_text())
+    assert result["steps"] == 2 and result["teacher_accuracy"] > 0.9  # the teacher learned its task
+    assert 0 <= result["student_accuracy_after"] <= 1
+    assert (tmp_path / "qs" / "distill" / "final" / "model.safetensors").is_file()
+    assert "| teacher |" in capsys.readouterr().out

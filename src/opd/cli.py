@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="build tiny models, distil one into the other, report")
     q.add_argument("--out", default="runs/quickstart", help="output folder")
-    q.add_argument("--steps", type=int, default=40)
+    q.add_argument("--steps", type=int, default=100)
     q.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -47,6 +47,7 @@ def tiny_model(
     max_positions: int = 256,
     vocab_pad: int = 0,
     seed: int = 0,
+    intermediate: int | None = None,
 ):
     """A randomly initialised Llama or Qwen3 causal LM sized for CPU tests.
 
@@ -57,7 +58,7 @@ def tiny_model(
     common = dict(
         vocab_size=len(tokenizer) + vocab_pad,
         hidden_size=hidden,
-        intermediate_size=hidden * 4,
+        intermediate_size=intermediate or hidden * 4,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
