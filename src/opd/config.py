@@ -273,6 +273,9 @@ def fields_help() -> str:
     for section, cls in _SECTION_TYPES.items():
         lines.append(f"  [{section}]")
         for f in dataclasses.fields(cls):
-            default = "(required)" if f.default == "" else repr(f.default)
+            if f.default == "":
+                default = "(required)"
+            else:  # TOML spelling: true/false, quoted strings
+                default = str(f.default).lower() if isinstance(f.default, bool) else repr(f.default)
             lines.append(f"    {section}.{f.name} = {default}  ({f.type})  {f.metadata['help']}")
     return "\n".join(lines)
