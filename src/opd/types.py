@@ -15,8 +15,7 @@ the loss. Position ids are always derived from the attention mask (see `position
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,7 +30,6 @@ class Rollouts:
     prompt_index_B: torch.Tensor  # long, which prompt of the step each row came from
     teacher_lp_BT: torch.Tensor | None = None
     advantages_BT: torch.Tensor | None = None
-    rows: list[dict[str, Any]] = field(default_factory=list)  # per prompt: metadata from JSONL
 
     @property
     def num_rows(self) -> int:
