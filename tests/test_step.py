@@ -50,3 +50,12 @@ def test_bf16_teacher_scores_close_to_fp32(models, prompts_file, tmp_path):
     m = batch.completion_mask_BT
     assert b.dtype == torch.float32 and torch.isfinite(b[m]).all()
     assert (a[m] - b[m]).abs().max() < 0.1  # bf16 has ~3 significant digits
+
+
+def test_resume_drops_metrics_past_the_checkpoint_and_torn_lines(tmp_path):
+    from opd.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    MetricsLogger(path, start_step=2, total_steps=5)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'

@@ -71,8 +71,11 @@ def evaluate(
     device: str = "cpu",
 ) -> dict:
     """Complete every prompt once; returns a summary (accuracy over rows with an "answer")."""
-    if max_new_tokens < 1 or batch_size < 1 or temperature < 0:
-        raise OpdError("max_new_tokens and batch_size must be >= 1 and temperature >= 0")
+    for name, value, ok in (("--max-new-tokens", max_new_tokens, max_new_tokens >= 1),
+                            ("--batch-size", batch_size, batch_size >= 1),
+                            ("--temperature", temperature, temperature >= 0)):
+        if not ok:
+            raise OpdError(f"{name}={value}: must be {'>= 0' if name == '--temperature' else '>= 1'}")
     extract = get_extractor(extractor)
     tokenizer = load_tokenizer(model_dir, "--model")
     model = load_model(model_dir, "float32", device, "--model").eval()

@@ -19,11 +19,14 @@ class MetricsLogger:
             return
         if path is not None and path.exists():
             # Drop rows past the checkpoint we resume from: they will be produced again.
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step
-            ]
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill mid-write
+                if row.get("step", 0) <= start_step:
+                    kept.append(line)
             path.write_text("".join(line + "\n" for line in kept))
         if sys.stderr.isatty():
             from tqdm import tqdm
