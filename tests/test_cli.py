@@ -338,3 +338,50 @@ def test_quickstart_smoke(tmp_path, capsys):
     assert 0 <= result["student_accuracy_after"] <= 1
     assert (tmp_path / "qs" / "distill" / "final" / "model.safetensors").is_file()
     assert "| teacher |" in capsys.readouterr().out
+
+
+def test_out_that_is_a_file_or_a_foreign_config_is_refused(models, prompts_file, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    assert_one_line_error(
+        *call(distill_args(models, prompts_file, a_file), capsys), "is not a folder"
+    )
+    assert a_file.read_text() == "keep me"
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    (folder / "config.json").write_text("[1, 2]")
+    assert_one_line_error(
+        *call(distill_args(models, prompts_file, folder), capsys), "is not a run config"
+    )
+    assert (folder / "config.json").read_text() == "[1, 2]"
+
+
+def test_seed_out_of_range(models, prompts_file, tmp_path, capsys):
+    args = distill_args(models, prompts_file, tmp_path / "out", 1, "--seed", "20000000000000")
+    assert_one_line_error(*call(args, capsys), "run.seed=20000000000000")
+    assert not (tmp_path / "out").exists()
+
+
+def test_steps_change_on_resume(models, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        main(
+            distill_args(models, prompts_file, out, 2, "--save-every", "1", "optim.schedule=cosine")
+        )
+    capsys.readouterr()
+    # cosine: the schedule depends on run.steps, so a change makes it a different run
+    code, err = call(distill_args(models, prompts_file, out, 3, "optim.schedule=cosine"), capsys)
+    assert_one_line_error(code, err, "run.steps differ")
+    # constant: more steps extend the run; fewer than the newest checkpoint are refused
+    out2 = tmp_path / "out2"
+    with pytest.raises(SystemExit):
+        main(distill_args(models, prompts_file, out2, 2, "--save-every", "1"))
+    capsys.readouterr()
+    assert_one_line_error(
+        *call(distill_args(models, prompts_file, out2, 1), capsys), "past run.steps=1"
+    )
+    with pytest.raises(SystemExit) as exc:
+        main(distill_args(models, prompts_file, out2, 3))
+    assert exc.value.code == 0 and "resuming from" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]

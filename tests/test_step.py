@@ -40,6 +40,7 @@ def test_gradient_accumulation_gives_the_same_update(models, prompts_file, tmp_p
     for k in a:
         assert torch.allclose(a[k].grad, b[k].grad, rtol=1e-4, atol=1e-7), k
 
+
 def test_bf16_teacher_scores_close_to_fp32(models, prompts_file, tmp_path):
     fp32 = make_parts(models, prompts_file, tmp_path)
     bf16 = make_parts(models, prompts_file, tmp_path, **{"model.teacher_dtype": "bfloat16"})
@@ -59,3 +60,17 @@ def test_resume_drops_metrics_past_the_checkpoint_and_torn_lines(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
     MetricsLogger(path, start_step=2, total_steps=5)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_student_dropout_does_not_break_the_importance_ratio(tok, prompts_file, models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from opd import tiny
+
+    config = AutoModelForCausalLM.from_pretrained(models["student"]).config
+    config.attention_dropout = 0.3
+    student = tiny.save(AutoModelForCausalLM.from_config(config), tok, tmp_path / "dropout")
+    parts = make_parts(models, prompts_file, tmp_path, **{"model.student": str(student)})
+    metrics = train_step(0, parts)
+    assert metrics["ratio/mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["ratio/max"] == pytest.approx(1.0, abs=1e-5)

@@ -80,6 +80,10 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
+
+
 def clean_partial(ckpt_root: Path) -> None:
     """Remove temporary folders left by a run killed while writing."""
     if ckpt_root.is_dir():

@@ -32,7 +32,6 @@ class ModelConfig:
     teacher: str = _f("", "Teacher model: a local Hugging Face folder with the same tokenizer.")
     lora_rank: int = _f(0, "LoRA rank; 0 trains every weight (full fine-tune).")
     lora_alpha: float = _f(32.0, "LoRA alpha (the update is scaled by alpha / rank).")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input; 0 keeps resume bit-exact.")
     lora_target_modules: str = _f(
         "all-linear", "Comma-separated module names for LoRA, or 'all-linear' (peft's default set)."
     )
@@ -92,7 +91,7 @@ class RunConfig:
     micro_batch_size: int = _f(
         0, "Rows per forward/backward (gradient accumulation); 0 does the whole step at once."
     )
-    seed: int = _f(0, "Seed for LoRA init, data order and sampling.")
+    seed: int = _f(0, "Seed for LoRA init, data order and sampling (0 <= seed < 2**31).")
     save_every: int = _f(50, "Write a resumable checkpoint every N steps (and at the end).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (older ones are deleted).")
     device: str = _f("auto", "'auto' (cuda when present, else cpu), 'cpu' or 'cuda'.")
@@ -223,7 +222,6 @@ def validate(cfg: Config) -> None:
     m, d, s, o, op, r = cfg.model, cfg.data, cfg.sampling, cfg.objective, cfg.optim, cfg.run
     _check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, ">= 0")
     _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "> 0")
-    _check(0 <= m.lora_dropout < 1, "model.lora_dropout", m.lora_dropout, "in [0, 1)")
     for key, value in (("model.dtype", m.dtype), ("model.teacher_dtype", m.teacher_dtype)):
         _check(value in ("float32", "bfloat16"), key, value, "float32 or bfloat16")
     _check(d.batch_prompts >= 1, "data.batch_prompts", d.batch_prompts, ">= 1")
@@ -256,6 +254,7 @@ def validate(cfg: Config) -> None:
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, ">= 1")
     _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "'auto', 'cpu' or 'cuda'")
     _check(r.threads >= 0, "run.threads", r.threads, ">= 0")
+    _check(0 <= r.seed < 2**31, "run.seed", r.seed, "in [0, 2**31)")
     for key, value in (
         ("model.student", m.student),
         ("model.teacher", m.teacher),

@@ -74,7 +74,12 @@ def prompt_text(row: dict[str, Any], tokenizer, where: str) -> tuple[str, bool]:
                 f"{where}: row has 'messages' but the tokenizer has no chat template; "
                 "use {'prompt': str} instead"
             )
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # jinja2 raises TemplateError (and the template may raise anything)
+            raise OpdError(f"{where}: the chat template rejected these messages: {e}") from None
         return text, False  # chat templates write their own BOS
     if "prompt" in row:
         if not isinstance(row["prompt"], str):

@@ -29,13 +29,13 @@ class DistContext:
         return self.rank == 0
 
     def sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # nccl needs cuda tensors
         if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
     def max(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
@@ -51,6 +51,15 @@ class DistContext:
             n = g.numel()
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
+
+    def check_in_sync(self, params: list[torch.nn.Parameter], step: int) -> None:
+        """Fail loudly if the ranks' weights have drifted apart (a missed all-reduce)."""
+        if self.world_size == 1:
+            return
+        total = sum(float(p.detach().double().sum()) for p in params)
+        low, high = -self.max([-total])[0], self.max([total])[0]
+        if low != high:
+            raise RuntimeError(f"step {step}: ranks hold different weights ({low} != {high})")
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -71,11 +71,15 @@ def evaluate(
     device: str = "cpu",
 ) -> dict:
     """Complete every prompt once; returns a summary (accuracy over rows with an "answer")."""
-    for name, value, ok in (("--max-new-tokens", max_new_tokens, max_new_tokens >= 1),
-                            ("--batch-size", batch_size, batch_size >= 1),
-                            ("--temperature", temperature, temperature >= 0)):
+    for name, value, ok in (
+        ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1),
+        ("--batch-size", batch_size, batch_size >= 1),
+        ("--temperature", temperature, temperature >= 0),
+    ):
         if not ok:
-            raise OpdError(f"{name}={value}: must be {'>= 0' if name == '--temperature' else '>= 1'}")
+            raise OpdError(
+                f"{name}={value}: must be {'>= 0' if name == '--temperature' else '>= 1'}"
+            )
     extract = get_extractor(extractor)
     tokenizer = load_tokenizer(model_dir, "--model")
     model = load_model(model_dir, "float32", device, "--model").eval()
@@ -85,6 +89,12 @@ def evaluate(
     vocab = min(len(tokenizer), output_vocab(model))
     sampler = make_sampler(model, tokenizer, vocab, max_new_tokens, temperature=temperature)
     gen = torch.Generator(device=device).manual_seed(seed)
+    if out:  # fail on an unwritable --out now, not after all the generation
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).touch()
+        except OSError as e:
+            raise OpdError(f"--out {out}: cannot write there ({e.strerror})") from None
     results = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -94,7 +104,12 @@ def evaluate(
             text = tokenizer.decode(ids, skip_special_tokens=True)
             row = {"where": prompt.where, "completion": text, "completion_tokens": len(ids)}
             if "answer" in prompt.row:
-                predicted = str(extract(text)).strip()
+                try:
+                    predicted = str(extract(text)).strip()
+                except Exception as e:  # a user's extractor: report it, do not crash with a trace
+                    raise OpdError(
+                        f"{prompt.where}: extractor {extractor!r} failed on {text!r}: {e!r}"
+                    ) from None
                 row.update(
                     extracted=predicted,
                     answer=prompt.row["answer"],
@@ -110,7 +125,6 @@ def evaluate(
         "mean_completion_tokens": sum(r["completion_tokens"] for r in results) / len(results),
     }
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")

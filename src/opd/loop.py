@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -102,7 +103,8 @@ def train_step(step: int, p: Parts) -> dict:
     for group in p.optimizer.param_groups:
         group["lr"] = lr
     p.optimizer.zero_grad(set_to_none=True)
-    p.student.train()
+    # Dropout stays off: the ratio needs the trainer to score the distribution the sampler drew from.
+    p.student.eval()
     loss_sum, ratio_sum, ratio_max = 0.0, 0.0, 0.0
     mbs = cfg.run.micro_batch_size or batch.num_rows
     for start in range(0, batch.num_rows, mbs):
@@ -168,9 +170,18 @@ def distill(cfg: Config, force: bool = False) -> Path:
         ckpt_root = out / "checkpoints"
         parts = setup_run(cfg, ctx)  # every input is checked before anything is written
         if ctx.is_main:
-            prepare_out(out, cfg, force)
+            check_out(out, cfg, force)
+            checkpoint.clean_partial(ckpt_root)
         ctx.barrier()
-        start = resume(ckpt_root, parts)
+        found = checkpoint.list_checkpoints(ckpt_root)
+        if found and checkpoint.step_of(found[-1]) > cfg.run.steps:
+            raise OpdError(
+                f"{found[-1]} is past run.steps={cfg.run.steps}; raise --steps or use --force"
+            )
+        if ctx.is_main:
+            write_config(out, cfg)
+        ctx.barrier()
+        start = resume(found, parts)
         final_dir = out / "final"
         if start >= cfg.run.steps and final_dir.is_dir():
             if ctx.is_main:
@@ -183,6 +194,7 @@ def distill(cfg: Config, force: bool = False) -> Path:
             logger.log(train_step(step, parts))
             done = step + 1
             if done % cfg.run.save_every == 0 or done == cfg.run.steps:
+                ctx.check_in_sync(parts.params, done)
                 if ctx.is_main:
                     checkpoint.save(
                         ckpt_root,
@@ -203,34 +215,50 @@ def distill(cfg: Config, force: bool = False) -> Path:
         ctx.close()
 
 
-def prepare_out(out: Path, cfg: Config, force: bool) -> None:
-    """Write config.json, or check that the folder holds this same run (then it resumes)."""
+def check_out(out: Path, cfg: Config, force: bool) -> None:
+    """Refuse an --out that holds a different run; with --force, clear that run's files."""
     cfg_path = out / "config.json"
-    new = config_mod.to_dict(cfg)
-    if cfg_path.exists() and not force:
-        try:
-            old = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            raise OpdError(
-                f"{cfg_path} is not valid JSON; pass --force to start a new run there"
-            ) from None
-        diff = [
-            f"{s}.{k}"
-            for s, table in new.items()
-            for k, v in table.items()
-            if f"{s}.{k}" not in RESUMABLE_CHANGES and old.get(s, {}).get(k) != v
-        ]
-        if diff:
-            raise OpdError(
-                f"{out} holds a different run ({', '.join(diff)} differ); "
-                "use another --out, or --force to replace it"
-            )
-    elif force:
+    if out.exists() and not out.is_dir():
+        raise OpdError(f"run.out={str(out)!r} exists and is not a folder")
+    if force:
         for name in ("checkpoints", "final", "final.tmp"):
             shutil.rmtree(out / name, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(json.dumps(new, indent=2) + "\n")
+        return
+    if not cfg_path.exists():
+        return
+    try:
+        old = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        old = None
+    if not isinstance(old, dict):
+        raise OpdError(
+            f"{cfg_path} is not a run config; use another --out, or --force to replace it"
+        )
+    new = config_mod.to_dict(cfg)
+    free = RESUMABLE_CHANGES - ({"run.steps"} if cfg.optim.schedule == "cosine" else set())
+    diff = [
+        f"{s}.{k}"
+        for s, table in new.items()
+        for k, v in table.items()
+        if f"{s}.{k}" not in free and (old.get(s) or {}).get(k) != v
+    ]
+    if diff:
+        raise OpdError(
+            f"{out} holds a different run ({', '.join(diff)} differ); "
+            "use another --out, or --force to replace it"
+        )
+
+
+def write_config(out: Path, cfg: Config) -> None:
+    """config.json, replaced atomically (a kill mid-write never leaves a torn file)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".config.json.tmp"
+        tmp.write_text(json.dumps(config_mod.to_dict(cfg), indent=2) + "\n")
+        os.replace(tmp, out / "config.json")
+    except OSError as e:
+        raise OpdError(f"run.out={str(out)!r}: cannot write there ({e.strerror})") from None
 
 
 def context_length(model) -> int | None:
@@ -275,9 +303,7 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
     if skipped and ctx.is_main:
         print(f"skipped {skipped} overlong prompts (data.overlong=skip); {len(prompts)} remain")
     if m.lora_rank > 0:
-        student = add_lora(
-            student, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_target_modules
-        )
+        student = add_lora(student, m.lora_rank, m.lora_alpha, m.lora_target_modules)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -295,12 +321,8 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
     )
 
 
-def resume(ckpt_root: Path, parts: Parts) -> int:
+def resume(found: list[Path], parts: Parts) -> int:
     """Load the newest complete checkpoint, if any; returns the step to start from."""
-    if parts.ctx.is_main:
-        checkpoint.clean_partial(ckpt_root)
-    parts.ctx.barrier()
-    found = checkpoint.list_checkpoints(ckpt_root)
     if not found:
         return 0
     state = checkpoint.load(found[-1], parts.student, parts.optimizer)

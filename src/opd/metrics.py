@@ -6,6 +6,7 @@ A TTY gets a tqdm bar (step, teacher KL, tokens/s); anything else gets one plain
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,9 @@ class MetricsLogger:
                     continue  # a line torn by a kill mid-write
                 if row.get("step", 0) <= start_step:
                     kept.append(line)
-            path.write_text("".join(line + "\n" for line in kept))
+            tmp = path.with_name(path.name + ".tmp")  # replace atomically: a kill keeps history
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
         if sys.stderr.isatty():
             from tqdm import tqdm
 

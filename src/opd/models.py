@@ -104,7 +104,7 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None and i < len(tokenizer))
 
 
-def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: str):
+def add_lora(model, rank: int, alpha: float, target_modules: str):
     """Wrap `model` with peft LoRA adapters; returns the peft model (base weights frozen)."""
     from peft import LoraConfig, get_peft_model
 
@@ -116,7 +116,7 @@ def add_lora(model, rank: int, alpha: float, dropout: float, target_modules: str
     cfg = LoraConfig(
         r=rank,
         lora_alpha=alpha,
-        lora_dropout=dropout,
+        lora_dropout=0.0,  # dropout is off while training (see loop.train_step)
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
