@@ -4,7 +4,7 @@ sampler vs trainer, pad == eos, NaN through padding)."""
 import pytest
 import torch
 
-from opd.data import pack
+from opd.data import Prompt, pack
 from opd.models import load_model, load_tokenizer
 from opd.objectives import kl_advantages, policy_gradient_loss
 from opd.samplers.hf import HFSampler, sample_token
@@ -12,6 +12,10 @@ from opd.scoring import completion_logprobs
 from opd.teachers.local import LocalTeacher
 
 RAGGED = [("ab=", "ba"), ("abcdefg=", "gfedcba"), ("c=", "c"), ("hijab=", "bajih")]
+
+
+def as_prompts(ids_list):
+    return [Prompt(ids=ids, row={}, where="test") for ids in ids_list]
 
 
 def encode(tok, rows):
@@ -65,7 +69,7 @@ def test_sampler_logprobs_equal_trainer_logprobs(models, tok, name):
     model = load_model(str(models[name]))
     sampler = HFSampler(model, tok.pad_token_id, [tok.eos_token_id], len(tok), max_new_tokens=12)
     prompts = [tok(w)["input_ids"] for w in ("ab=", "abcdefgh=", "c=")]
-    batch = sampler.sample(prompts, 3, torch.Generator().manual_seed(0))
+    batch = sampler.sample(as_prompts(prompts), 3, torch.Generator().manual_seed(0))
     assert batch.num_rows == 9 and batch.num_completion_tokens > 9
     lp = completion_logprobs(
         model, batch.tokens_BT, batch.attention_mask_BT, batch.prompt_len, len(tok)
@@ -83,7 +87,9 @@ def test_teacher_identical_to_student_gives_zero_kl(models, tok):
     model = load_model(str(models["student"]))
     sampler = HFSampler(model, tok.pad_token_id, [tok.eos_token_id], len(tok), max_new_tokens=10)
     batch = sampler.sample(
-        [tok(w)["input_ids"] for w in ("abc=", "de=")], 4, torch.Generator().manual_seed(1)
+        as_prompts([tok(w)["input_ids"] for w in ("abc=", "de=")]),
+        4,
+        torch.Generator().manual_seed(1),
     )
     teacher_lp = LocalTeacher(load_model(str(models["student"])), len(tok)).score(batch)
     m = batch.completion_mask_BT
@@ -98,7 +104,9 @@ def test_pad_equal_to_eos_keeps_eos_in_the_loss(models):
     tok.pad_token = tok.eos_token  # the pitfall: pad id == eos id
     model = load_model(str(models["student"]))
     sampler = HFSampler(model, tok.pad_token_id, [tok.eos_token_id], len(tok), max_new_tokens=30)
-    batch = sampler.sample([tok("ab=")["input_ids"]], 16, torch.Generator().manual_seed(2))
+    batch = sampler.sample(
+        as_prompts([tok("ab=")["input_ids"]]), 16, torch.Generator().manual_seed(2)
+    )
     m = batch.completion_mask_BT
     ended = [b for b in range(batch.num_rows) if batch.tokens_BT[b][m[b]][-1] == tok.eos_token_id]
     assert ended, "expected some completions to end with EOS"
@@ -147,7 +155,7 @@ def test_sampler_first_token_distribution_matches_the_model(models, tok):
     model = load_model(str(models["teacher"]))
     prompt = tok("abc=")["input_ids"]
     sampler = HFSampler(model, tok.pad_token_id, [tok.eos_token_id], len(tok), max_new_tokens=1)
-    batch = sampler.sample([prompt], 4000, torch.Generator().manual_seed(3))
+    batch = sampler.sample(as_prompts([prompt]), 4000, torch.Generator().manual_seed(3))
     with torch.no_grad():
         probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1, : len(tok)], -1)
     counts = torch.bincount(batch.tokens_BT[:, -1], minlength=len(tok)).double()

@@ -44,9 +44,7 @@ def test_gradient_accumulation_gives_the_same_update(models, prompts_file, tmp_p
 def test_bf16_teacher_scores_close_to_fp32(models, prompts_file, tmp_path):
     fp32 = make_parts(models, prompts_file, tmp_path)
     bf16 = make_parts(models, prompts_file, tmp_path, **{"model.teacher_dtype": "bfloat16"})
-    batch = fp32.sampler.sample(
-        [p.ids for p in fp32.prompts[:4]], 2, torch.Generator().manual_seed(0)
-    )
+    batch = fp32.sampler.sample(fp32.prompts[:4], 2, torch.Generator().manual_seed(0))
     a, b = fp32.teacher.score(batch), bf16.teacher.score(batch)
     m = batch.completion_mask_BT
     assert b.dtype == torch.float32 and torch.isfinite(b[m]).all()

@@ -1,4 +1,4 @@
-"""The `opd` command line: distill, eval, quickstart.
+"""The `opd` command line: distill, sft, eval, demo, quickstart.
 
 Bad input ends with one line `opd: error: <cause>` on stderr and exit code 2, never a traceback.
 """
@@ -60,25 +60,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="opd", description="On-policy distillation of language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    d = sub.add_parser(
-        "distill",
-        help="distil a teacher into a student, on the student's samples",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_distill_epilog(),
-    )
-    d.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] tables")
-    for flag, key in FLAGS.items():
-        f = _field(key)
-        default = "required" if f.default == "" else f"default {f.default!r}"
-        d.add_argument(
-            flag, dest=key, metavar=f.type.upper(), help=f"{f.metadata['help']} ({key}; {default})"
+    for name, text in (
+        ("distill", "distil a teacher into a student, on the student's samples"),
+        (
+            "sft",
+            "fine-tune on the teacher's samples (off-policy distillation) or on 'completion' rows",
+        ),
+    ):
+        d = sub.add_parser(
+            name,
+            help=text,
+            description=text,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=_distill_epilog(),
         )
-    d.add_argument(
-        "--force",
-        action="store_true",
-        help="replace a different run already in --out (its checkpoints and metrics)",
-    )
-    d.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+        d.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] tables")
+        for flag, key in FLAGS.items():
+            f = _field(key)
+            default = "required" if f.default == "" else f"default {f.default!r}"
+            if name == "sft" and key == "model.teacher":
+                default = "optional: without it, rows' 'completion' fields are the targets"
+            d.add_argument(
+                flag,
+                dest=key,
+                metavar=f.type.upper(),
+                help=f"{f.metadata['help']} ({key}; {default})",
+            )
+        d.add_argument(
+            "--force",
+            action="store_true",
+            help="replace a different run already in --out (its checkpoints and metrics)",
+        )
+        d.add_argument(
+            "overrides", nargs="*", metavar="section.field=value", help="config overrides"
+        )
 
     e = sub.add_parser("eval", help="greedy completions and exact-match accuracy on a prompts file")
     e.add_argument("--model", required=True, help="model folder (weights + tokenizer)")
@@ -95,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
+    dm = sub.add_parser(
+        "demo", help="the blog's math experiment in miniature: teacher, SFT student, then OPD"
+    )
+    dm.add_argument("--out", default="runs/demo", help="output folder (report, results, plots)")
+    dm.add_argument("--quick", action="store_true", help="fewer OPD steps (reuses cached stages)")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
+    dm.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
+    dm.add_argument("--verbose", action="store_true", help="show every step of every stage")
+
     q = sub.add_parser("quickstart", help="build tiny models, distil one into the other, report")
     q.add_argument("--out", default="runs/quickstart", help="output folder")
     q.add_argument("--steps", type=int, default=100)
@@ -104,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "distill":
+    if args.command in ("distill", "sft"):
         from opd.loop import distill
 
         flags = {key: getattr(args, key) for key in FLAGS.values()}
+        flags["objective.kind"] = "sft" if args.command == "sft" else None
         cfg = config_mod.build_config(args.config, flags, args.overrides)
         distill(cfg, force=args.force)
     elif args.command == "eval":
@@ -125,6 +151,11 @@ def run(argv: list[str] | None = None) -> int:
             args.device,
         )
         print(json.dumps(summary))
+    elif args.command == "demo":
+        from opd.experiments.demo import run_demo
+
+        preset = args.preset or ("quick" if args.quick else "default")
+        run_demo(args.out, preset, args.seed, args.cache_dir, quiet=not args.verbose)
     elif args.command == "quickstart":
         from opd.quickstart import quickstart
 

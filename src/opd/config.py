@@ -62,6 +62,12 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
+    kind: str = _f(
+        "opd",
+        "'opd': on-policy distillation (the student samples, the teacher scores). 'sft': "
+        "supervised fine-tuning on the teacher's samples (off-policy distillation), or on the "
+        "rows' 'completion' field when model.teacher is empty.",
+    )
     kl_coef: float = _f(1.0, "Advantage scale: A_t = -kl_coef * (logp_sampler_t - logp_teacher_t).")
     discount: float = _f(
         0.0, "Discount gamma: 0 judges each token alone; > 0 sums discounted future advantages."
@@ -99,6 +105,19 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    prompts: str = _f("", "Held-out prompts JSONL with 'answer'; empty turns evaluation off.")
+    every: int = _f(
+        0, "Evaluate every N steps (also before the first and after the last); 0: ends only."
+    )
+    max_new_tokens: int = _f(0, "Longest evaluation completion; 0 uses sampling.max_new_tokens.")
+    extractor: str = _f(
+        "exact", "Answer extractor: exact, last-number, boxed, hashes or module:function."
+    )
+    limit: int = _f(0, "Evaluate on the first N rows only; 0 uses every row.")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -106,6 +125,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 _SECTION_TYPES = {
@@ -115,6 +135,7 @@ _SECTION_TYPES = {
     "objective": ObjectiveConfig,
     "optim": OptimConfig,
     "run": RunConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -255,12 +276,15 @@ def validate(cfg: Config) -> None:
     _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "'auto', 'cpu' or 'cuda'")
     _check(r.threads >= 0, "run.threads", r.threads, ">= 0")
     _check(0 <= r.seed < 2**31, "run.seed", r.seed, "in [0, 2**31)")
-    for key, value in (
-        ("model.student", m.student),
-        ("model.teacher", m.teacher),
-        ("data.prompts", d.prompts),
-        ("run.out", r.out),
-    ):
+    _check(o.kind in ("opd", "sft"), "objective.kind", o.kind, "'opd' or 'sft'")
+    ev = cfg.eval
+    _check(ev.every >= 0, "eval.every", ev.every, ">= 0")
+    _check(ev.max_new_tokens >= 0, "eval.max_new_tokens", ev.max_new_tokens, ">= 0")
+    _check(ev.limit >= 0, "eval.limit", ev.limit, ">= 0")
+    required = [("model.student", m.student), ("data.prompts", d.prompts), ("run.out", r.out)]
+    if o.kind == "opd":
+        required.append(("model.teacher", m.teacher))
+    for key, value in required:
         _check(bool(value), key, value, "set (it has no default)")
 
 

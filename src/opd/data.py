@@ -21,6 +21,7 @@ class Prompt:
     ids: list[int]
     row: dict[str, Any]  # the JSONL object (answer, metadata)
     where: str  # "file:line", for error messages
+    completion_ids: list[int] | None = None  # the row's "completion" + EOS, for SFT on data
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
@@ -100,18 +101,39 @@ def encode_row(row: dict[str, Any], tokenizer, where: str) -> list[int]:
     return list(ids)
 
 
+def encode_completion(row: dict[str, Any], tokenizer, where: str, max_tokens: int) -> list[int]:
+    text = row.get("completion")
+    if not isinstance(text, str) or not text:
+        raise OpdError(f"{where}: SFT without a teacher needs a non-empty 'completion' string")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    if len(ids) > max_tokens:
+        raise OpdError(
+            f"{where}: completion is {len(ids)} tokens with EOS, more than "
+            f"sampling.max_new_tokens={max_tokens}"
+        )
+    return ids
+
+
 def load_prompts(
     path: str,
     tokenizer,
     max_prompt_tokens: int | None = None,
     overlong: str = "error",
     context_note: str = "",
+    max_completion_tokens: int | None = None,
 ) -> tuple[list[Prompt], int]:
-    """Read and encode every row; returns (prompts, number skipped as overlong)."""
+    """Read and encode every row; returns (prompts, number skipped as overlong).
+
+    With max_completion_tokens set, every row must also have a "completion" string (SFT on
+    data); it is encoded without special tokens and EOS is appended.
+    """
     prompts, skipped = [], 0
     for lineno, row in read_jsonl(path):
         where = f"{path}:{lineno}"
         ids = encode_row(row, tokenizer, where)
+        completion = None
+        if max_completion_tokens is not None:
+            completion = encode_completion(row, tokenizer, where, max_completion_tokens)
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             if overlong == "skip":
                 skipped += 1
@@ -120,7 +142,7 @@ def load_prompts(
                 f"{where}: prompt is {len(ids)} tokens, longer than the {max_prompt_tokens} "
                 f"allowed{context_note}; shorten it or set data.overlong=skip"
             )
-        prompts.append(Prompt(ids=ids, row=row, where=where))
+        prompts.append(Prompt(ids=ids, row=row, where=where, completion_ids=completion))
     if not prompts:
         raise OpdError(f"{path}: every prompt was skipped as overlong ({skipped} rows)")
     return prompts, skipped

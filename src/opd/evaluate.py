@@ -95,10 +95,22 @@ def evaluate(
             Path(out).touch()
         except OSError as e:
             raise OpdError(f"--out {out}: cannot write there ({e.strerror})") from None
+    summary, results = run_eval(sampler, tokenizer, prompts, extract, batch_size, gen, extractor)
+    if out:
+        with open(out, "w") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    return summary
+
+
+def run_eval(
+    sampler, tokenizer, prompts, extract, batch_size: int, generator, extractor_name: str = ""
+):
+    """Complete each prompt once with `sampler`; returns (summary, per-row results)."""
     results = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        batch = sampler.sample([p.ids for p in chunk], 1, gen)
+        batch = sampler.sample(chunk, 1, generator)
         for b, prompt in enumerate(chunk):
             ids = batch.tokens_BT[b][batch.completion_mask_BT[b]].tolist()
             text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -108,7 +120,7 @@ def evaluate(
                     predicted = str(extract(text)).strip()
                 except Exception as e:  # a user's extractor: report it, do not crash with a trace
                     raise OpdError(
-                        f"{prompt.where}: extractor {extractor!r} failed on {text!r}: {e!r}"
+                        f"{prompt.where}: extractor {extractor_name!r} failed on {text!r}: {e!r}"
                     ) from None
                 row.update(
                     extracted=predicted,
@@ -124,8 +136,4 @@ def evaluate(
         "accuracy": sum(r["correct"] for r in scored) / len(scored) if scored else None,
         "mean_completion_tokens": sum(r["completion_tokens"] for r in results) / len(results),
     }
-    if out:
-        with open(out, "w") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
-    return summary
+    return summary, results

@@ -24,10 +24,19 @@ from opd.config import Config
 from opd.data import Prompt, load_prompts, step_indices
 from opd.distributed import DistContext, setup
 from opd.errors import OpdError
+from opd.evaluate import get_extractor, run_eval
 from opd.metrics import MetricsLogger
-from opd.models import add_lora, check_compatible, inner_model, load_model, load_tokenizer
-from opd.objectives import kl_advantages, lr_at, policy_gradient_loss, reverse_kl
+from opd.models import (
+    add_lora,
+    check_compatible,
+    inner_model,
+    load_model,
+    load_tokenizer,
+    output_vocab,
+)
+from opd.objectives import kl_advantages, lr_at, nll_loss, policy_gradient_loss, reverse_kl
 from opd.samplers import Sampler, make_sampler
+from opd.samplers.dataset import DatasetSampler
 from opd.scoring import completion_logprobs
 from opd.teachers import Teacher, make_teacher
 
@@ -51,10 +60,11 @@ class Parts:
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     sampler: Sampler
-    teacher: Teacher
+    teacher: Teacher | None  # None when training with SFT
     prompts: list[Prompt]
     vocab_size: int
     tokenizer: object
+    eval_prompts: list[Prompt]
 
 
 def sampling_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -75,23 +85,24 @@ def train_step(step: int, p: Parts) -> dict:
         ctx.world_size,
     )
     gen = sampling_generator(cfg.run.seed, step, ctx.rank, ctx.device)
-    batch = p.sampler.sample([p.prompts[i].ids for i in idx], cfg.sampling.group_size, gen)
+    batch = p.sampler.sample([p.prompts[i] for i in idx], cfg.sampling.group_size, gen)
     t1 = time.perf_counter()
 
-    batch.teacher_lp_BT = p.teacher.score(batch)
     mask_BT = batch.completion_mask_BT
-    batch.advantages_BT = kl_advantages(
-        batch.sampler_lp_BT,
-        batch.teacher_lp_BT,
-        mask_BT,
-        cfg.objective.kl_coef,
-        cfg.objective.discount,
-    )
+    on_policy = cfg.objective.kind == "opd"
+    if on_policy:
+        batch.teacher_lp_BT = p.teacher.score(batch)
+        batch.advantages_BT = kl_advantages(
+            batch.sampler_lp_BT,
+            batch.teacher_lp_BT,
+            mask_BT,
+            cfg.objective.kl_coef,
+            cfg.objective.discount,
+        )
     t2 = time.perf_counter()
 
     # Normalise by the completion tokens of the whole step (every micro-batch, every rank).
-    local_tokens = batch.num_completion_tokens
-    n_tokens, n_rows = ctx.sum([local_tokens, batch.num_rows])
+    n_tokens, n_rows = ctx.sum([batch.num_completion_tokens, batch.num_rows])
     lr = lr_at(
         step,
         cfg.optim.lr,
@@ -112,18 +123,21 @@ def train_step(step: int, p: Parts) -> dict:
         train_lp_BT = completion_logprobs(
             p.student, mb.tokens_BT, mb.attention_mask_BT, batch.prompt_len, p.vocab_size
         )
-        loss, stats = policy_gradient_loss(
-            train_lp_BT,
-            mb.sampler_lp_BT,
-            mb.advantages_BT,
-            mb.completion_mask_BT,
-            n_tokens,
-            cfg.objective.clip_ratio,
-        )
+        if on_policy:
+            loss, stats = policy_gradient_loss(
+                train_lp_BT,
+                mb.sampler_lp_BT,
+                mb.advantages_BT,
+                mb.completion_mask_BT,
+                n_tokens,
+                cfg.objective.clip_ratio,
+            )
+            ratio_sum += stats["ratio_sum"].item()
+            ratio_max = max(ratio_max, stats["ratio_max"].item())
+        else:
+            loss = nll_loss(train_lp_BT, mb.completion_mask_BT, n_tokens)
         loss.backward()
         loss_sum += loss.item()
-        ratio_sum += stats["ratio_sum"].item()
-        ratio_max = max(ratio_max, stats["ratio_max"].item())
     ctx.sum_gradients(p.params)
     grad_norm = torch.nn.utils.clip_grad_norm_(p.params, cfg.optim.grad_clip or math.inf).item()
     if not math.isfinite(grad_norm):
@@ -134,22 +148,10 @@ def train_step(step: int, p: Parts) -> dict:
     p.optimizer.step()
     t3 = time.perf_counter()
 
-    kl_sum = reverse_kl(batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT).sum().item()
-    teacher_lp_sum = batch.teacher_lp_BT[mask_BT].sum().item()
-    sampler_lp_sum = batch.sampler_lp_BT[mask_BT].sum().item()
-    loss_sum, kl_sum, ratio_sum, teacher_lp_sum, sampler_lp_sum = ctx.sum(
-        [loss_sum, kl_sum, ratio_sum, teacher_lp_sum, sampler_lp_sum]
-    )
-    (ratio_max,) = ctx.max([ratio_max])
-    denom = max(n_tokens, 1)
-    return {
+    (loss_sum,), (ratio_max,) = ctx.sum([loss_sum]), ctx.max([ratio_max])
+    metrics = {
         "step": step + 1,
         "loss": loss_sum,
-        "teacher/kl": kl_sum / denom,
-        "teacher/logprob": teacher_lp_sum / denom,
-        "sampler/logprob": sampler_lp_sum / denom,
-        "ratio/mean": ratio_sum / denom,
-        "ratio/max": ratio_max,
         "optim/lr": lr,
         "optim/grad_norm": grad_norm,
         "tokens/completion": int(n_tokens),
@@ -160,6 +162,25 @@ def train_step(step: int, p: Parts) -> dict:
         "time/step": t3 - t0,
         "throughput/tokens_per_s": n_tokens / max(t3 - t0, 1e-9),
     }
+    if on_policy:
+        kl_sum = reverse_kl(batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT).sum().item()
+        sums = ctx.sum(
+            [
+                kl_sum,
+                ratio_sum,
+                batch.teacher_lp_BT[mask_BT].sum().item(),
+                batch.sampler_lp_BT[mask_BT].sum().item(),
+            ]
+        )
+        denom = max(n_tokens, 1)
+        metrics |= {
+            "teacher/kl": sums[0] / denom,
+            "ratio/mean": sums[1] / denom,
+            "ratio/max": ratio_max,
+            "teacher/logprob": sums[2] / denom,
+            "sampler/logprob": sums[3] / denom,
+        }
+    return metrics
 
 
 def distill(cfg: Config, force: bool = False) -> Path:
@@ -190,9 +211,17 @@ def distill(cfg: Config, force: bool = False) -> Path:
                 )
             return final_dir
         logger = MetricsLogger(out / "metrics.jsonl", start, cfg.run.steps, enabled=ctx.is_main)
+        evaluating = bool(parts.eval_prompts) and ctx.is_main
+        if evaluating and start == 0:
+            logger.log({"step": 0, **run_evaluation(parts)}, progress=False)
         for step in range(start, cfg.run.steps):
-            logger.log(train_step(step, parts))
+            metrics = train_step(step, parts)
             done = step + 1
+            if evaluating and (
+                done == cfg.run.steps or (cfg.eval.every and done % cfg.eval.every == 0)
+            ):
+                metrics |= run_evaluation(parts)
+            logger.log(metrics)
             if done % cfg.run.save_every == 0 or done == cfg.run.steps:
                 ctx.check_in_sync(parts.params, done)
                 if ctx.is_main:
@@ -266,14 +295,13 @@ def context_length(model) -> int | None:
 
 
 def setup_run(cfg: Config, ctx: DistContext) -> Parts:
-    m = cfg.model
+    m, s, on_policy = cfg.model, cfg.sampling, cfg.objective.kind == "opd"
     if cfg.data.batch_prompts % ctx.world_size:
         raise OpdError(
             f"data.batch_prompts={cfg.data.batch_prompts} must be divisible by the "
             f"number of processes ({ctx.world_size})"
         )
-    s = cfg.sampling
-    if (s.temperature != 1.0 or s.top_p < 1.0 or s.top_k > 0) and ctx.is_main:
+    if on_policy and (s.temperature != 1.0 or s.top_p < 1.0 or s.top_k > 0) and ctx.is_main:
         print(
             "opd: warning: sampling.temperature/top_p/top_k change the sampling distribution: "
             "sampler log-probs are those of the adjusted, renormalised distribution, so the "
@@ -283,25 +311,39 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
         )
     torch.manual_seed(cfg.run.seed)
     tokenizer = load_tokenizer(m.student, "model.student")
-    teacher_tok = load_tokenizer(m.teacher, "model.teacher")
     student = load_model(m.student, m.dtype, ctx.device, "model.student")
-    teacher_model = load_model(m.teacher, m.teacher_dtype, ctx.device, "model.teacher")
-    vocab_size = check_compatible(tokenizer, teacher_tok, student, teacher_model)
-    limits = [n for n in (context_length(student), context_length(teacher_model)) if n]
-    max_prompt = min(limits) - cfg.sampling.max_new_tokens if limits else None
-    if max_prompt is not None and max_prompt < 1:
-        raise OpdError(
-            f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} leaves no room for a "
-            f"prompt in the {min(limits)}-token context"
+    teacher_model, vocab_size = None, min(len(tokenizer), output_vocab(student))
+    if m.teacher:
+        teacher_tok = load_tokenizer(m.teacher, "model.teacher")
+        teacher_model = load_model(m.teacher, m.teacher_dtype, ctx.device, "model.teacher")
+        vocab_size = check_compatible(tokenizer, teacher_tok, student, teacher_model)
+    models = [x for x in (student, teacher_model) if x is not None]
+    limits = [n for n in map(context_length, models) if n]
+    from_data = not on_policy and teacher_model is None
+    prompts = read_prompts(
+        cfg.data.prompts,
+        tokenizer,
+        limits,
+        s.max_new_tokens,
+        cfg.data.overlong,
+        "data.prompts",
+        from_data,
+        ctx,
+    )
+    eval_prompts = []
+    if cfg.eval.prompts:
+        eval_prompts = read_prompts(
+            cfg.eval.prompts,
+            tokenizer,
+            limits,
+            eval_tokens(cfg),
+            "error",
+            "eval.prompts",
+            False,
+            ctx,
         )
-    note = (
-        f" (context {min(limits)} - max_new_tokens {cfg.sampling.max_new_tokens})" if limits else ""
-    )
-    prompts, skipped = load_prompts(
-        cfg.data.prompts, tokenizer, max_prompt, cfg.data.overlong, note
-    )
-    if skipped and ctx.is_main:
-        print(f"skipped {skipped} overlong prompts (data.overlong=skip); {len(prompts)} remain")
+        eval_prompts = eval_prompts[: cfg.eval.limit or None]
+        get_extractor(cfg.eval.extractor)  # fail now on a bad name, not at the first eval
     if m.lora_rank > 0:
         student = add_lora(student, m.lora_rank, m.lora_alpha, m.lora_target_modules)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -312,13 +354,77 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )
-    sampler = make_sampler(
-        student, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k
+    # The token source: the student itself (on-policy), the teacher (SFT on its samples), or data.
+    if from_data:
+        sampler = DatasetSampler(tokenizer.pad_token_id)
+    else:
+        source = student if on_policy else teacher_model
+        sampler = make_sampler(
+            source, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k
+        )
+    teacher = (
+        make_teacher(teacher_model, vocab_size, cfg.run.micro_batch_size) if on_policy else None
     )
-    teacher = make_teacher(teacher_model, vocab_size, cfg.run.micro_batch_size)
     return Parts(
-        cfg, ctx, student, params, optimizer, sampler, teacher, prompts, vocab_size, tokenizer
+        cfg,
+        ctx,
+        student,
+        params,
+        optimizer,
+        sampler,
+        teacher,
+        prompts,
+        vocab_size,
+        tokenizer,
+        eval_prompts,
     )
+
+
+def eval_tokens(cfg: Config) -> int:
+    return cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens
+
+
+def read_prompts(path, tokenizer, limits, max_new_tokens, overlong, key, with_completions, ctx):
+    """Load a prompts file, checking each prompt against the context left for the completion."""
+    max_prompt = min(limits) - max_new_tokens if limits else None
+    if max_prompt is not None and max_prompt < 1:
+        raise OpdError(
+            f"{key}: max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+            f"{min(limits)}-token context"
+        )
+    note = f" (context {min(limits)} - max_new_tokens {max_new_tokens})" if limits else ""
+    prompts, skipped = load_prompts(
+        path,
+        tokenizer,
+        max_prompt,
+        overlong,
+        note,
+        max_completion_tokens=max_new_tokens if with_completions else None,
+    )
+    if skipped and ctx.is_main:
+        print(f"skipped {skipped} overlong prompts (data.overlong=skip); {len(prompts)} remain")
+    return prompts
+
+
+def run_evaluation(p: Parts) -> dict:
+    """Greedy held-out accuracy of the student as it is now (rank 0 only)."""
+    cfg = p.cfg
+    sampler = make_sampler(p.student, p.tokenizer, p.vocab_size, eval_tokens(cfg), temperature=0.0)
+    t0 = time.perf_counter()
+    summary, _ = run_eval(
+        sampler,
+        p.tokenizer,
+        p.eval_prompts,
+        get_extractor(cfg.eval.extractor),
+        64,
+        torch.Generator(device=p.ctx.device).manual_seed(0),
+        cfg.eval.extractor,
+    )
+    return {
+        "eval/accuracy": summary["accuracy"],
+        "eval/mean_completion_tokens": summary["mean_completion_tokens"],
+        "time/eval": time.perf_counter() - t0,
+    }
 
 
 def resume(found: list[Path], parts: Parts) -> int:

@@ -43,21 +43,28 @@ class MetricsLogger:
             )
         self.total_steps = total_steps
 
-    def log(self, metrics: dict) -> None:
+    def log(self, metrics: dict, progress: bool = True) -> None:
         if not self.enabled:
             return
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        kl, tps = metrics.get("teacher/kl"), metrics.get("throughput/tokens_per_s")
+        if not progress:
+            return
+        shown = {"kl": metrics.get("teacher/kl", metrics.get("loss"))}
+        if "eval/accuracy" in metrics:
+            shown["acc"] = metrics["eval/accuracy"]
         if self.bar is not None:
-            self.bar.set_postfix({"kl": f"{kl:.4f}", "tok/s": f"{tps:.0f}"}, refresh=False)
+            post = {k: f"{v:.4f}" for k, v in shown.items() if v is not None}
+            post["tok/s"] = f"{metrics['throughput/tokens_per_s']:.0f}"
+            self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
         else:
+            name = "teacher/kl" if "teacher/kl" in metrics else "loss"
+            acc = f" | eval/accuracy {shown['acc']:.3f}" if shown.get("acc") is not None else ""
             print(
-                f"step {metrics['step']}/{self.total_steps} | teacher/kl {kl:.4f} | "
-                f"loss {metrics['loss']:+.4f} | {tps:.0f} tok/s | "
-                f"{metrics['time/step']:.2f} s",
+                f"step {metrics['step']}/{self.total_steps} | {name} {shown['kl']:.4f}{acc} | "
+                f"{metrics['throughput/tokens_per_s']:.0f} tok/s | {metrics['time/step']:.2f} s",
                 file=sys.stderr,
                 flush=True,
             )

@@ -94,6 +94,14 @@ def policy_gradient_loss(
     return loss, stats
 
 
+def nll_loss(
+    train_lp_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: int | float
+) -> torch.Tensor:
+    """Supervised (SFT) loss: -sum of masked log-probs / num_tokens (the whole batch's count)."""
+    picked_BT = torch.where(mask_BT, train_lp_BT, torch.zeros_like(train_lp_BT))
+    return -picked_BT.sum() / max(float(num_tokens), 1.0)
+
+
 def lr_at(
     step: int,
     peak_lr: float,

@@ -10,14 +10,15 @@ from typing import Protocol
 
 import torch
 
+from opd.data import Prompt
 from opd.types import Rollouts
 
 
 class Sampler(Protocol):
     def sample(
-        self, prompts_P: list[list[int]], group_size: int, generator: torch.Generator
+        self, prompts_P: list[Prompt], group_size: int, generator: torch.Generator
     ) -> Rollouts:
-        """Sample `group_size` completions per prompt (rows grouped by prompt, prompt-major)."""
+        """`group_size` completions per prompt (rows grouped by prompt, prompt-major)."""
         ...
 
 

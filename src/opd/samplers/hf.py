@@ -16,6 +16,7 @@ import inspect
 
 import torch
 
+from opd.data import Prompt
 from opd.models import inner_model
 from opd.types import Rollouts, position_ids
 
@@ -80,10 +81,10 @@ class HFSampler:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
 
     def sample(
-        self, prompts_P: list[list[int]], group_size: int, generator: torch.Generator
+        self, prompts_P: list[Prompt], group_size: int, generator: torch.Generator
     ) -> Rollouts:
         with torch.inference_mode():
-            out = self._decode(prompts_P, group_size, generator)
+            out = self._decode([p.ids for p in prompts_P], group_size, generator)
         # Plain tensors again (inference tensors cannot enter the trainer's autograd graph).
         return Rollouts(**{k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()})
 

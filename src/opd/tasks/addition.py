@@ -1,0 +1,70 @@
+"""Multi-digit addition written out digit by digit, least significant digit first.
+
+    prompt      "3471+5862:"
+    completion  "1+2+0=03,7+6+0=13,4+8+1=13,3+5+1=09;09333"
+
+Each step is "a_i+b_i+carry=ss" (two-digit column sum); the final answer follows ';' with
+digits + 1 digits. Every column depends on the carry from the one before, so an early
+mistake propagates: the long-horizon failure the blog's argument against off-policy training
+is about. Train and test splits are disjoint by construction (a pair is in the test split iff a
+seeded hash says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+CHARS = "0123456789+=,;:"
+
+
+@dataclass(frozen=True)
+class Addition:
+    digits: int = 4
+
+    def prompt(self, a: int, b: int) -> str:
+        return f"{a:0{self.digits}d}+{b:0{self.digits}d}:"
+
+    def answer(self, a: int, b: int) -> str:
+        return f"{a + b:0{self.digits + 1}d}"
+
+    def solution(self, a: int, b: int) -> str:
+        """The teacher's target: the column-by-column trace, then ';' and the answer."""
+        steps, carry = [], 0
+        for i in range(self.digits):
+            da, db = (a // 10**i) % 10, (b // 10**i) % 10
+            s = da + db + carry
+            steps.append(f"{da}+{db}+{carry}={s:02d}")
+            carry = s // 10
+        return ",".join(steps) + ";" + self.answer(a, b)
+
+    def is_test(self, a: int, b: int, seed: int = 0) -> bool:
+        """About 1 pair in 10 belongs to the test split, fixed by (a, b, seed)."""
+        h = hashlib.blake2b(f"{seed}:{a}:{b}".encode(), digest_size=2).digest()
+        return int.from_bytes(h, "big") % 10 == 0
+
+    def pairs(self, n: int, split: str, seed: int = 0, rng_seed: int = 0) -> list[tuple[int, int]]:
+        """n distinct pairs from one split ("train" or "test"), drawn with rng_seed."""
+        rng = random.Random(f"{split}:{rng_seed}")
+        hi = 10**self.digits
+        out, seen = [], set()
+        want_test = split == "test"
+        while len(out) < n:
+            a, b = rng.randrange(hi), rng.randrange(hi)
+            if (a, b) in seen or self.is_test(a, b, seed) != want_test:
+                continue
+            seen.add((a, b))
+            out.append((a, b))
+        return out
+
+    def rows(self, n: int, split: str, seed: int = 0, rng_seed: int = 0) -> list[dict]:
+        return [
+            {"prompt": self.prompt(a, b), "answer": self.answer(a, b)}
+            for a, b in self.pairs(n, split, seed, rng_seed)
+        ]
+
+
+def extract_answer(text: str) -> str:
+    """The final answer: what follows the last ';' (empty when there is none)."""
+    return text.rsplit(";", 1)[-1].strip() if ";" in text else ""
