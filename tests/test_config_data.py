@@ -40,7 +40,9 @@ def test_help_lists_every_field_once():
     text = fields_help()
     for section, table in to_dict(Config()).items():
         for name in table:
-            starts = [ln for ln in text.splitlines() if ln.strip().startswith(f"{section}.{name} =")]
+            starts = [
+                ln for ln in text.splitlines() if ln.strip().startswith(f"{section}.{name} =")
+            ]
             assert len(starts) == 1, (section, name)
 
 

@@ -115,6 +115,9 @@ class EvalConfig:
         "exact", "Answer extractor: exact, last-number, boxed, hashes or module:function."
     )
     limit: int = _f(0, "Evaluate on the first N rows only; 0 uses every row.")
+    stop_at: float = _f(
+        0.0, "Stop the run at the first evaluation whose accuracy is >= this; 0 never stops early."
+    )
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,7 @@ def validate(cfg: Config) -> None:
     _check(ev.every >= 0, "eval.every", ev.every, ">= 0")
     _check(ev.max_new_tokens >= 0, "eval.max_new_tokens", ev.max_new_tokens, ">= 0")
     _check(ev.limit >= 0, "eval.limit", ev.limit, ">= 0")
+    _check(0 <= ev.stop_at <= 1, "eval.stop_at", ev.stop_at, "in [0, 1]")
     required = [("model.student", m.student), ("data.prompts", d.prompts), ("run.out", r.out)]
     if o.kind == "opd":
         required.append(("model.teacher", m.teacher))

@@ -202,27 +202,31 @@ def distill(cfg: Config, force: bool = False) -> Path:
         if ctx.is_main:
             write_config(out, cfg)
         ctx.barrier()
-        start = resume(found, parts)
+        start, stopped = resume(found, parts)
         final_dir = out / "final"
-        if start >= cfg.run.steps and final_dir.is_dir():
+        if (start >= cfg.run.steps or stopped) and final_dir.is_dir():
             if ctx.is_main:
                 print(
                     f"run in {out} is already complete ({start} steps); final model in {final_dir}"
                 )
             return final_dir
         logger = MetricsLogger(out / "metrics.jsonl", start, cfg.run.steps, enabled=ctx.is_main)
-        evaluating = bool(parts.eval_prompts) and ctx.is_main
-        if evaluating and start == 0:
+        evaluating = bool(parts.eval_prompts)
+        if evaluating and start == 0 and ctx.is_main:
             logger.log({"step": 0, **run_evaluation(parts)}, progress=False)
-        for step in range(start, cfg.run.steps):
+        for step in range(start, cfg.run.steps if not stopped else start):
             metrics = train_step(step, parts)
             done = step + 1
-            if evaluating and (
+            eval_now = evaluating and (
                 done == cfg.run.steps or (cfg.eval.every and done % cfg.eval.every == 0)
-            ):
+            )
+            if eval_now and ctx.is_main:
                 metrics |= run_evaluation(parts)
-            logger.log(metrics)
-            if done % cfg.run.save_every == 0 or done == cfg.run.steps:
+            if eval_now and cfg.eval.stop_at > 0:  # every rank learns rank 0's verdict
+                passed = ctx.is_main and metrics["eval/accuracy"] >= cfg.eval.stop_at
+                stopped = ctx.max([float(passed)])[0] > 0
+            logger.log(metrics | ({"eval/stopped": True} if stopped else {}))
+            if stopped or done % cfg.run.save_every == 0 or done == cfg.run.steps:
                 ctx.check_in_sync(parts.params, done)
                 if ctx.is_main:
                     checkpoint.save(
@@ -230,10 +234,16 @@ def distill(cfg: Config, force: bool = False) -> Path:
                         done,
                         parts.student,
                         parts.optimizer,
-                        {"data_cursor": done * cfg.data.batch_prompts},
+                        {"data_cursor": done * cfg.data.batch_prompts, "stopped": stopped},
                         cfg.run.keep_checkpoints,
                     )
                 ctx.barrier()
+            if stopped:
+                if ctx.is_main:
+                    print(
+                        f"stopping at step {done}: eval/accuracy reached eval.stop_at={cfg.eval.stop_at}"
+                    )
+                break
         logger.close()
         if ctx.is_main:
             save_final(parts.student, parts.tokenizer, final_dir)
@@ -427,14 +437,14 @@ def run_evaluation(p: Parts) -> dict:
     }
 
 
-def resume(found: list[Path], parts: Parts) -> int:
-    """Load the newest complete checkpoint, if any; returns the step to start from."""
+def resume(found: list[Path], parts: Parts) -> tuple[int, bool]:
+    """Load the newest complete checkpoint, if any; returns (step to start from, stopped early)."""
     if not found:
-        return 0
+        return 0, False
     state = checkpoint.load(found[-1], parts.student, parts.optimizer)
     if parts.ctx.is_main:
         print(f"resuming from {found[-1]} (step {state['step']})")
-    return int(state["step"])
+    return int(state["step"]), bool(state.get("stopped", False))
 
 
 def save_final(student, tokenizer, final_dir: Path) -> None:

@@ -41,6 +41,7 @@ class Settings:
     digits: int = 4
     n_train: int = 20000
     n_test: int = 200
+    n_valid: int = 200
     teacher_hidden: int = 128
     teacher_layers: int = 4
     teacher_steps: int = 1000
@@ -48,23 +49,26 @@ class Settings:
     teacher_batch: int = 64
     student_hidden: int = 64
     student_layers: int = 2
-    sft_steps: int = 150
+    sft_steps: int = 800  # a cap: the stage stops once validation accuracy passes sft_stop_at
     sft_lr: float = 3e-3
-    sft_batch: int = 32
-    opd_steps: int = 150
-    opd_lr: float = 1e-3
-    opd_prompts: int = 16
+    sft_batch: int = 64
+    sft_stop_at: float = 0.3
+    sft_eval_every: int = 20
+    opd_steps: int = 100
+    opd_lr: float = 3e-4
+    opd_prompts: int = 32
     opd_group: int = 4
     eval_every: int = 10
 
 
 PRESETS = {
     "default": Settings(),
-    "quick": Settings(),  # filled in below
+    "quick": replace(Settings(), opd_steps=30),  # shares the default's cached stages
     "test": Settings(
         digits=2,
         n_train=400,
         n_test=20,
+        n_valid=20,
         teacher_hidden=32,
         teacher_layers=1,
         teacher_steps=40,
@@ -72,14 +76,15 @@ PRESETS = {
         student_hidden=16,
         student_layers=1,
         sft_steps=5,
+        sft_stop_at=0.0,
         sft_batch=8,
         opd_steps=8,
+        opd_lr=3e-3,
         opd_prompts=4,
         opd_group=4,
         eval_every=4,
     ),
 }
-PRESETS["quick"] = replace(PRESETS["default"], opd_steps=60, eval_every=10)
 
 
 def _key(*parts) -> str:
@@ -114,9 +119,10 @@ def run_demo(
     seed: int = 0,
     cache_dir: str | None = None,
     quiet: bool = True,
+    settings: Settings | None = None,
 ) -> dict:
     t_start = time.time()
-    s = PRESETS[preset]
+    s = settings or PRESETS[preset]
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir or os.environ.get("OPD_CACHE", Path.home() / ".cache" / "opd")) / "demo"
@@ -126,7 +132,7 @@ def run_demo(
     tok = tiny.char_tokenizer(chars=CHARS)
 
     # Data: disjoint train / held-out test splits, written where every stage can read them.
-    data_key = _key("data", s.digits, s.n_train, s.n_test, seed)
+    data_key = _key("data", s.digits, s.n_train, s.n_test, s.n_valid, seed)
     data = cache / f"data-{data_key}"
     data.mkdir(exist_ok=True)
     train_rows = [
@@ -139,6 +145,7 @@ def run_demo(
     ]
     train = _write_jsonl(data / "train.jsonl", train_rows)
     test = _write_jsonl(data / "test.jsonl", task.rows(s.n_test, "test", seed, seed))
+    valid = _write_jsonl(data / "valid.jsonl", task.rows(s.n_valid, "valid", seed, seed))
     prompt_only = _write_jsonl(
         data / "prompts.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]} for r in train_rows]
     )
@@ -210,14 +217,22 @@ def run_demo(
 
     # 2. Student: off-policy distillation (SFT on the teacher's samples) from scratch.
     s_key = _key(
-        "sft", t_key, s.student_hidden, s.student_layers, s.sft_steps, s.sft_lr, s.sft_batch
+        "sft",
+        t_key,
+        s.student_hidden,
+        s.student_layers,
+        s.sft_steps,
+        s.sft_lr,
+        s.sft_batch,
+        s.sft_stop_at,
+        s.sft_eval_every,
     )
     s_dir = cache / f"sft-{s_key}"
     t0 = time.time()
     if not (s_dir / "final").is_dir():
         log(
             f"SFT: student (Llama h{s.student_hidden}/L{s.student_layers}) on the teacher's "
-            f"samples, {s.sft_steps} steps ..."
+            f"samples, until {s.sft_stop_at:.0%} validation accuracy (at most {s.sft_steps} steps) ..."
         )
         init = tiny.save(
             tiny.tiny_model(
@@ -244,7 +259,10 @@ def run_demo(
                 "data.batch_prompts": s.sft_batch,
                 "sampling.group_size": 1,
                 "optim.lr": s.sft_lr,
-                "eval.every": 0,
+                # the budget: stop once the student passes sft_stop_at on the validation split
+                "eval.prompts": str(valid),
+                "eval.every": s.sft_eval_every,
+                "eval.stop_at": s.sft_stop_at,
             },
             quiet,
         )
@@ -253,6 +271,7 @@ def run_demo(
         log(f"SFT student: reusing {s_dir}")
     sft = s_dir / "final"
     sft_seconds = time.time() - t0
+    sft_steps = json.loads((s_dir / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     sft_acc = _accuracy(sft, test, max_new)
     log(f"student after SFT held-out accuracy {sft_acc:.1%}")
 
@@ -297,7 +316,7 @@ def run_demo(
         },
         "sft": {
             "accuracy": sft_acc,
-            "steps": s.sft_steps,
+            "steps": sft_steps,
             "params": _params(sft),
             "seconds": round(sft_seconds, 1),
             "path": str(sft),
@@ -387,15 +406,31 @@ def _plots(root: Path, curve, kl, teacher_acc: float, sft_acc: float) -> None:
 
 
 def _report(r: dict, table: str) -> str:
+    st = r["settings"]
     return f"""# opd demo: on-policy distillation on {r["task"]}
 
 {table}
 
-![held-out accuracy](accuracy.png)
-![teacher KL](teacher_kl.png)
+![held-out accuracy during on-policy distillation](accuracy.png)
+![reverse KL to the teacher during on-policy distillation](teacher_kl.png)
 
-What ran, mirroring the blog's math experiment: a teacher trained from scratch on the task;
-a smaller student fine-tuned off-policy on the teacher's samples (the blog's SFT stage); then
-on-policy distillation from that checkpoint, where the student samples and the teacher grades
-every token (per-token reverse KL as the advantage). Held-out problems never appear in training.
+What ran, mirroring the blog's math experiment (a large teacher; a smaller student first
+fine-tuned off-policy on teacher-written reasoning, then distilled on-policy from that checkpoint):
+
+1. **teacher**: Llama h{st["teacher_hidden"]}/L{st["teacher_layers"]} trained from scratch on
+   {st["n_train"]} gold traces (`opd sft` on the rows' completions, {st["teacher_steps"]} steps).
+2. **SFT** (off-policy distillation): a smaller Llama h{st["student_hidden"]}/L{st["student_layers"]}
+   trained from scratch on the teacher's temperature-1 samples, {st["sft_batch"]} samples a step,
+   until its accuracy on a separate validation split first reached {st["sft_stop_at"]:.0%}
+   ({r["sft"]["steps"]} steps; checked every {st["sft_eval_every"]}; the time includes the
+   teacher's sampling and those checks).
+3. **OPD**: `opd distill` from the SFT checkpoint, {st["opd_steps"]} steps of
+   {st["opd_prompts"]} prompts x {st["opd_group"]} student samples; every sampled token's
+   advantage is the negative reverse KL to the teacher; lr {st["opd_lr"]}.
+
+Accuracy is greedy exact match of the final answer on {r["n_test"]} held-out problems that no stage
+trains on. The SFT budget is deliberately short of convergence, as the blog's SFT checkpoint was
+a starting point, not an end point: with enough clean traces this small student also learns the
+task by SFT alone. Whether OPD reaches a target in fewer steps or FLOPs than continued SFT or RL
+is the job of `opd experiment` (not this demo).
 """

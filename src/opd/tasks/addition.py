@@ -6,8 +6,8 @@
 Each step is "a_i+b_i+carry=ss" (two-digit column sum); the final answer follows ';' with
 digits + 1 digits. Every column depends on the carry from the one before, so an early
 mistake propagates: the long-horizon failure the blog's argument against off-policy training
-is about. Train and test splits are disjoint by construction (a pair is in the test split iff a
-seeded hash says so).
+is about. Train, validation and test splits are disjoint by construction (a seeded hash of the
+pair decides its split).
 """
 
 from __future__ import annotations
@@ -39,20 +39,19 @@ class Addition:
             carry = s // 10
         return ",".join(steps) + ";" + self.answer(a, b)
 
-    def is_test(self, a: int, b: int, seed: int = 0) -> bool:
-        """About 1 pair in 10 belongs to the test split, fixed by (a, b, seed)."""
+    def split_of(self, a: int, b: int, seed: int = 0) -> str:
+        """'test' for about 1 pair in 10, 'valid' for another 1 in 10, else 'train'; fixed by seed."""
         h = hashlib.blake2b(f"{seed}:{a}:{b}".encode(), digest_size=2).digest()
-        return int.from_bytes(h, "big") % 10 == 0
+        return {0: "test", 1: "valid"}.get(int.from_bytes(h, "big") % 10, "train")
 
     def pairs(self, n: int, split: str, seed: int = 0, rng_seed: int = 0) -> list[tuple[int, int]]:
-        """n distinct pairs from one split ("train" or "test"), drawn with rng_seed."""
+        """n distinct pairs from one split ("train", "valid" or "test"), drawn with rng_seed."""
         rng = random.Random(f"{split}:{rng_seed}")
         hi = 10**self.digits
         out, seen = [], set()
-        want_test = split == "test"
         while len(out) < n:
             a, b = rng.randrange(hi), rng.randrange(hi)
-            if (a, b) in seen or self.is_test(a, b, seed) != want_test:
+            if (a, b) in seen or self.split_of(a, b, seed) != split:
                 continue
             seen.add((a, b))
             out.append((a, b))

@@ -1,0 +1,85 @@
+"""The demo's pieces: the addition task, the character tokenizer on disk, SFT, and the whole chain."""
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from opd import tiny
+from opd.experiments.demo import run_demo
+from opd.tasks.addition import CHARS, Addition, extract_answer
+
+
+@given(digits=st.integers(1, 6), data=st.data())
+def test_solution_trace_is_correct_and_extractable(digits, data):
+    task = Addition(digits)
+    a = data.draw(st.integers(0, 10**digits - 1))
+    b = data.draw(st.integers(0, 10**digits - 1))
+    sol = task.solution(a, b)
+    assert extract_answer(sol) == task.answer(a, b) and int(task.answer(a, b)) == a + b
+    steps = sol.split(";")[0].split(",")
+    assert len(steps) == digits
+    carry = 0
+    for i, step in enumerate(steps):  # every column: a_i + b_i + carry = two-digit sum
+        lhs, rhs = step.split("=")
+        da, db, c = map(int, lhs.split("+"))
+        assert (da, db, c) == ((a // 10**i) % 10, (b // 10**i) % 10, carry)
+        assert int(rhs) == da + db + c
+        carry = int(rhs) // 10
+    assert set(task.prompt(a, b) + sol) <= set(CHARS)
+
+
+@settings(max_examples=20)
+@given(seed=st.integers(0, 1000))
+def test_splits_are_disjoint_and_deterministic(seed):
+    task = Addition(3)
+    train = task.pairs(300, "train", seed, rng_seed=seed)
+    valid = task.pairs(40, "valid", seed, rng_seed=seed)
+    test = task.pairs(50, "test", seed, rng_seed=seed)
+    assert not set(train) & set(test) and not set(train) & set(valid) and not set(valid) & set(test)
+    assert len(set(train)) == 300 and len(set(test)) == 50
+    assert task.pairs(50, "test", seed, rng_seed=seed) == test
+    assert all(task.split_of(a, b, seed) == "test" for a, b in test)
+
+
+def test_extract_answer_edge_cases():
+    assert extract_answer("1+2+0=03;03") == "03"
+    assert extract_answer("no answer") == ""
+    assert extract_answer("x;1;0042 ") == "0042"
+
+
+def test_char_tokenizer_round_trip_through_save_pretrained(tmp_path):
+    tok = tiny.char_tokenizer(chars=CHARS)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = Addition(4).prompt(1234, 987) + Addition(4).solution(1234, 987)
+    ids = loaded(text)["input_ids"]
+    assert ids[0] == loaded.bos_token_id and len(ids) == len(text) + 1  # one token per character
+    assert loaded.decode(ids, skip_special_tokens=True) == text
+    assert loaded.get_vocab() == tok.get_vocab() and loaded.eos_token_id == tok.eos_token_id
+
+
+def test_demo_chain_in_test_mode_writes_its_files_reuses_cache_and_improves(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    result = run_demo(str(tmp_path / "demo"), preset="test", seed=0, cache_dir=str(cache))
+    out = tmp_path / "demo"
+    for name in ("report.md", "results.json", "accuracy.png", "teacher_kl.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    for key in ("teacher", "sft", "opd"):
+        assert 0.0 <= saved[key]["accuracy"] <= 1.0
+    assert saved["opd"]["steps"] == 8 and saved["sft"]["steps"] == 5
+    assert saved["opd"]["curve"][0][0] == 0 and saved["opd"]["curve"][-1][0] == 8
+    assert saved["seed"] == 0 and saved["wall_seconds"] > 0
+    # a real improvement on a tiny budget: the student's KL to the teacher falls
+    kl = [v for _, v in saved["opd"]["teacher_kl"]]
+    assert sum(kl[-3:]) / 3 < sum(kl[:3]) / 3, kl
+    # the second run reuses the cached teacher and SFT student
+    capsys.readouterr()
+    again = run_demo(str(tmp_path / "demo2"), preset="test", seed=0, cache_dir=str(cache))
+    log = capsys.readouterr().out
+    assert "teacher: reusing" in log and "SFT student: reusing" in log
+    assert again["teacher"]["accuracy"] == result["teacher"]["accuracy"]
+    assert again["sft"]["accuracy"] == result["sft"]["accuracy"]

@@ -1,0 +1,141 @@
+"""`opd sft`: on the rows' completions (training a model from scratch) and on teacher samples."""
+
+import json
+
+import pytest
+
+from opd.cli import main
+
+from .conftest import words, write_jsonl
+
+
+def test_sft_on_completions_learns_the_data(models, tmp_path, capsys):
+    rows = [{"prompt": w + "=", "completion": "xyz", "answer": "xyz"} for w in words(64)]
+    data = write_jsonl(tmp_path / "gold.jsonl", rows)
+    out = tmp_path / "sft"
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "sft",
+                "--student",
+                str(models["student"]),
+                "--prompts",
+                str(data),
+                "--out",
+                str(out),
+                "--steps",
+                "30",
+                "--batch-prompts",
+                "16",
+                "--group-size",
+                "1",
+                "--max-new-tokens",
+                "6",
+                "--lr",
+                "1e-2",
+                f"eval.prompts={data}",
+                "eval.every=15",
+                "eval.limit=16",
+            ]
+        )
+    assert exc.value.code == 0, capsys.readouterr().err
+    m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert m[0]["step"] == 0 and m[0]["eval/accuracy"] == 0.0  # evaluated before training
+    assert [r["step"] for r in m if "eval/accuracy" in r] == [0, 15, 30]
+    assert m[-1]["loss"] < 0.1 * m[1]["loss"]  # the NLL of the targets collapses
+    assert m[-1]["eval/accuracy"] == 1.0
+    assert "teacher/kl" not in m[1]
+
+
+def test_sft_on_teacher_samples(models, prompts_file, tmp_path, capsys):
+    out = tmp_path / "sft"
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "sft",
+                "--student",
+                str(models["student"]),
+                "--teacher",
+                str(models["pattern"]),
+                "--prompts",
+                str(prompts_file),
+                "--out",
+                str(out),
+                "--steps",
+                "25",
+                "--batch-prompts",
+                "8",
+                "--group-size",
+                "2",
+                "--max-new-tokens",
+                "6",
+                "--lr",
+                "1e-2",
+            ]
+        )
+    assert exc.value.code == 0, capsys.readouterr().err
+    m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the teacher always writes "xyz" + EOS: 4 tokens a row, and the student learns to copy it
+    assert all(r["tokens/mean_completion_len"] == pytest.approx(4.0, abs=0.5) for r in m)
+    assert m[-1]["loss"] < 0.2 * m[0]["loss"]
+
+
+def test_sft_without_teacher_needs_completions(models, prompts_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "sft",
+                "--student",
+                str(models["student"]),
+                "--prompts",
+                str(prompts_file),
+                "--out",
+                str(tmp_path / "o"),
+                "--steps",
+                "1",
+            ]
+        )
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "train.jsonl:1" in err and "'completion'" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_eval_stop_at_ends_the_run_early_and_stays_complete(models, tmp_path, capsys):
+    rows = [{"prompt": w + "=", "completion": "xyz", "answer": "xyz"} for w in words(64)]
+    data = write_jsonl(tmp_path / "gold.jsonl", rows)
+    out = tmp_path / "sft"
+    args = [
+        "sft",
+        "--student",
+        str(models["student"]),
+        "--prompts",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "200",
+        "--batch-prompts",
+        "16",
+        "--group-size",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--lr",
+        "1e-2",
+        f"eval.prompts={data}",
+        "eval.every=5",
+        "eval.limit=16",
+        "eval.stop_at=1.0",
+    ]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert m[-1]["eval/accuracy"] == 1.0 and m[-1]["eval/stopped"] is True
+    assert m[-1]["step"] < 200 and m[-1]["step"] % 5 == 0
+    assert all(r.get("eval/accuracy", 0) < 1.0 for r in m[:-1])  # it stopped at the first pass
+    assert (out / "final" / "model.safetensors").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "already complete" in capsys.readouterr().out
