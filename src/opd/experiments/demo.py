@@ -171,7 +171,8 @@ def run_demo(
     )
     t_dir = cache / f"teacher-{t_key}"
     t0 = time.time()
-    if not (t_dir / "final").is_dir():
+    teacher_cached = (t_dir / "final").is_dir()
+    if not teacher_cached:
         log(
             f"training the teacher (Llama h{s.teacher_hidden}/L{s.teacher_layers}) on "
             f"{s.digits}-digit addition, {s.teacher_steps} steps ..."
@@ -229,7 +230,8 @@ def run_demo(
     )
     s_dir = cache / f"sft-{s_key}"
     t0 = time.time()
-    if not (s_dir / "final").is_dir():
+    sft_cached = (s_dir / "final").is_dir()
+    if not sft_cached:
         log(
             f"SFT: student (Llama h{s.student_hidden}/L{s.student_layers}) on the teacher's "
             f"samples, until {s.sft_stop_at:.0%} validation accuracy (at most {s.sft_steps} steps) ..."
@@ -312,6 +314,7 @@ def run_demo(
             "params": _params(teacher),
             "steps": s.teacher_steps,
             "seconds": round(teacher_seconds, 1),
+            "cached": teacher_cached,
             "path": str(teacher),
         },
         "sft": {
@@ -319,6 +322,7 @@ def run_demo(
             "steps": sft_steps,
             "params": _params(sft),
             "seconds": round(sft_seconds, 1),
+            "cached": sft_cached,
             "path": str(sft),
         },
         "opd": {
@@ -367,9 +371,10 @@ def _table(r: dict) -> str:
     for name, stage, steps in rows:
         params = stage.get("params") or r["sft"]["params"]
         share = stage["accuracy"] / t if t else 0.0
+        wall = "cached" if stage.get("cached") else f"{stage['seconds']:.0f} s"
         lines.append(
             f"| {name} | {params / 1e6:.2f}M | {stage['accuracy']:.1%} | {share:.0%} | "
-            f"{steps} | {stage['seconds']:.0f} s |"
+            f"{steps} | {wall} |"
         )
     lines.append(
         f"\ntotal wall time {r['wall_seconds']:.0f} s (seed {r['seed']}, preset {r['preset']})"
