@@ -107,6 +107,29 @@ def _stage(flags: dict, quiet: bool, force: bool = False) -> Path:
             return distill(cfg, force=force)
 
 
+def _train_from_scratch(
+    stage_dir: Path, tok, hidden: int, layers: int, seed: int, quiet: bool, flags: dict
+) -> None:
+    """`opd sft` of a fresh tiny Llama into stage_dir/final, unless that is already there."""
+    if (stage_dir / "final").is_dir():
+        return
+    model = tiny.tiny_model(
+        tok, hidden=hidden, layers=layers, heads=4, kv_heads=4, max_positions=128, seed=seed
+    )
+    init = tiny.save(model, tok, stage_dir / "init")
+    _stage(
+        {
+            **flags,
+            "objective.kind": "sft",
+            "model.student": str(init),
+            "run.out": str(stage_dir / "run"),
+            "sampling.group_size": 1,
+        },
+        quiet,
+    )
+    (stage_dir / "run" / "final").rename(stage_dir / "final")
+
+
 def _accuracy(model_dir: Path, test: Path, max_new: int) -> float:
     return evaluate(str(model_dir), str(test), max_new_tokens=max_new, extractor=EXTRACTOR)[
         "accuracy"
@@ -172,45 +195,31 @@ def run_demo(
     t_dir = cache / f"teacher-{t_key}"
     t0 = time.time()
     teacher_cached = (t_dir / "final").is_dir()
-    if not teacher_cached:
-        log(
-            f"training the teacher (Llama h{s.teacher_hidden}/L{s.teacher_layers}) on "
-            f"{s.digits}-digit addition, {s.teacher_steps} steps ..."
-        )
-        init = tiny.save(
-            tiny.tiny_model(
-                tok,
-                hidden=s.teacher_hidden,
-                layers=s.teacher_layers,
-                heads=4,
-                kv_heads=4,
-                max_positions=128,
-                seed=seed,
-            ),
-            tok,
-            t_dir / "init",
-        )
-        _stage(
-            {
-                **common,
-                "objective.kind": "sft",
-                "model.student": str(init),
-                "data.prompts": str(train),
-                "run.out": str(t_dir / "run"),
-                "run.steps": s.teacher_steps,
-                "data.batch_prompts": s.teacher_batch,
-                "sampling.group_size": 1,
-                "optim.lr": s.teacher_lr,
-                "optim.warmup_steps": 50,
-                "optim.schedule": "cosine",
-                "optim.min_lr_ratio": 0.1,
-                "eval.every": 0,
-            },
-            quiet,
-        )
-        (t_dir / "run" / "final").rename(t_dir / "final")
-    else:
-        log(f"teacher: reusing {t_dir}")
+    log(
+        f"teacher: reusing {t_dir}"
+        if teacher_cached
+        else f"training the teacher (Llama h{s.teacher_hidden}/L{s.teacher_layers}) on "
+        f"{s.digits}-digit addition, {s.teacher_steps} steps ..."
+    )
+    _train_from_scratch(
+        t_dir,
+        tok,
+        s.teacher_hidden,
+        s.teacher_layers,
+        seed,
+        quiet,
+        {
+            **common,
+            "data.prompts": str(train),
+            "run.steps": s.teacher_steps,
+            "data.batch_prompts": s.teacher_batch,
+            "optim.lr": s.teacher_lr,
+            "optim.warmup_steps": 50,
+            "optim.schedule": "cosine",
+            "optim.min_lr_ratio": 0.1,
+            "eval.every": 0,
+        },
+    )
     teacher = t_dir / "final"
     teacher_seconds = time.time() - t0
     teacher_acc = _accuracy(teacher, test, max_new)
@@ -231,46 +240,32 @@ def run_demo(
     s_dir = cache / f"sft-{s_key}"
     t0 = time.time()
     sft_cached = (s_dir / "final").is_dir()
-    if not sft_cached:
-        log(
-            f"SFT: student (Llama h{s.student_hidden}/L{s.student_layers}) on the teacher's "
-            f"samples, until {s.sft_stop_at:.0%} validation accuracy (at most {s.sft_steps} steps) ..."
-        )
-        init = tiny.save(
-            tiny.tiny_model(
-                tok,
-                hidden=s.student_hidden,
-                layers=s.student_layers,
-                heads=4,
-                kv_heads=4,
-                max_positions=128,
-                seed=seed + 1,
-            ),
-            tok,
-            s_dir / "init",
-        )
-        _stage(
-            {
-                **common,
-                "objective.kind": "sft",
-                "model.student": str(init),
-                "model.teacher": str(teacher),
-                "data.prompts": str(prompt_only),
-                "run.out": str(s_dir / "run"),
-                "run.steps": s.sft_steps,
-                "data.batch_prompts": s.sft_batch,
-                "sampling.group_size": 1,
-                "optim.lr": s.sft_lr,
-                # the budget: stop once the student passes sft_stop_at on the validation split
-                "eval.prompts": str(valid),
-                "eval.every": s.sft_eval_every,
-                "eval.stop_at": s.sft_stop_at,
-            },
-            quiet,
-        )
-        (s_dir / "run" / "final").rename(s_dir / "final")
-    else:
-        log(f"SFT student: reusing {s_dir}")
+    log(
+        f"SFT student: reusing {s_dir}"
+        if sft_cached
+        else f"SFT: student (Llama h{s.student_hidden}/L{s.student_layers}) on the teacher's samples, "
+        f"until {s.sft_stop_at:.0%} validation accuracy (at most {s.sft_steps} steps) ..."
+    )
+    _train_from_scratch(
+        s_dir,
+        tok,
+        s.student_hidden,
+        s.student_layers,
+        seed + 1,
+        quiet,
+        {
+            **common,
+            "model.teacher": str(teacher),
+            "data.prompts": str(prompt_only),
+            "run.steps": s.sft_steps,
+            "data.batch_prompts": s.sft_batch,
+            "optim.lr": s.sft_lr,
+            # the budget: stop once the student passes sft_stop_at on the validation split
+            "eval.prompts": str(valid),
+            "eval.every": s.sft_eval_every,
+            "eval.stop_at": s.sft_stop_at,
+        },
+    )
     sft = s_dir / "final"
     sft_seconds = time.time() - t0
     sft_steps = json.loads((s_dir / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
