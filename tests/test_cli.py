@@ -325,7 +325,7 @@ def test_subprocess_error_has_no_traceback(models, tmp_path):
     r = run_cli(distill_args(models, tmp_path / "missing.jsonl", tmp_path / "out"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        f"opd: error: prompts file not found: {tmp_path / 'missing.jsonl'}"
+        f"opd: error: data.prompts: prompts file not found: {tmp_path / 'missing.jsonl'}"
     ]
 
 
@@ -385,3 +385,18 @@ def test_steps_change_on_resume(models, prompts_file, tmp_path, capsys):
     assert exc.value.code == 0 and "resuming from" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_config_from_an_older_opd_without_new_keys_still_resumes(
+    models, prompts_file, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        main(distill_args(models, prompts_file, out, 1))
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["eval"], cfg["objective"]["kind"]  # keys that did not exist yet, at their defaults
+    (out / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(distill_args(models, prompts_file, out, 2))
+    assert exc.value.code == 0 and "resuming from" in capsys.readouterr().out

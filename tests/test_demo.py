@@ -73,6 +73,10 @@ def test_demo_chain_in_test_mode_writes_its_files_reuses_cache_and_improves(tmp_
     assert saved["opd"]["steps"] == 8 and saved["sft"]["steps"] == 5
     assert saved["opd"]["curve"][0][0] == 0 and saved["opd"]["curve"][-1][0] == 8
     assert saved["seed"] == 0 and saved["wall_seconds"] > 0
+    # OPD's step-0 evaluation is the SFT student's accuracy, measured the same way
+    assert saved["opd"]["curve"][0][1] == saved["sft"]["accuracy"]
+    report = (out / "report.md").read_text()
+    assert f"| {saved['sft']['accuracy']:.1%} |" in report and "accuracy.png" in report
     # a real improvement on a tiny budget: the student's KL to the teacher falls
     kl = [v for _, v in saved["opd"]["teacher_kl"]]
     assert sum(kl[-3:]) / 3 < sum(kl[:3]) / 3, kl

@@ -139,3 +139,61 @@ def test_eval_stop_at_ends_the_run_early_and_stays_complete(models, tmp_path, ca
     with pytest.raises(SystemExit):
         main(args)
     assert "already complete" in capsys.readouterr().out
+
+
+def test_eval_settings_need_scorable_prompts(models, prompts_file, tmp_path, capsys):
+    base = [
+        "sft",
+        "--student",
+        str(models["student"]),
+        "--teacher",
+        str(models["pattern"]),
+        "--prompts",
+        str(prompts_file),
+        "--out",
+        str(tmp_path / "o"),
+        "--steps",
+        "2",
+    ]
+    no_answers = write_jsonl(tmp_path / "na.jsonl", [{"prompt": "ab="}])
+    for extra, needle in (
+        (["eval.every=5"], "eval.every=5: must be 0 when eval.prompts is not set"),
+        ([f"eval.prompts={no_answers}"], "no row has an 'answer'"),
+        ([f"eval.prompts={tmp_path / 'missing.jsonl'}"], "eval.prompts: prompts file not found"),
+        ([f"eval.prompts={prompts_file}", "eval.extractor=:foo"], "could not be imported"),
+        ([f"eval.prompts={prompts_file}", "eval.extractor=os:sep"], "is not a function"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_stop_at_is_checked_before_the_first_step(models, tmp_path, capsys):
+    rows = [{"prompt": w + "=", "completion": "x", "answer": ""} for w in words(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)  # the empty answer: any output scores 1.0
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "sft",
+                "--student",
+                str(models["student"]),
+                "--prompts",
+                str(data),
+                "--out",
+                str(out),
+                "--steps",
+                "5",
+                "--max-new-tokens",
+                "4",
+                f"eval.prompts={data}",
+                "eval.extractor=opd.tasks.addition:extract_answer",
+                "eval.stop_at=1.0",
+            ]
+        )
+    assert exc.value.code == 0, capsys.readouterr().err
+    m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(m) == 1 and m[0]["step"] == 0 and m[0]["eval/stopped"] is True
+    assert (out / "final" / "model.safetensors").is_file()

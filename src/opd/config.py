@@ -285,6 +285,9 @@ def validate(cfg: Config) -> None:
     _check(ev.max_new_tokens >= 0, "eval.max_new_tokens", ev.max_new_tokens, ">= 0")
     _check(ev.limit >= 0, "eval.limit", ev.limit, ">= 0")
     _check(0 <= ev.stop_at <= 1, "eval.stop_at", ev.stop_at, "in [0, 1]")
+    if not ev.prompts:
+        _check(ev.every == 0, "eval.every", ev.every, "0 when eval.prompts is not set")
+        _check(ev.stop_at == 0, "eval.stop_at", ev.stop_at, "0 when eval.prompts is not set")
     required = [("model.student", m.student), ("data.prompts", d.prompts), ("run.out", r.out)]
     if o.kind == "opd":
         required.append(("model.teacher", m.teacher))

@@ -53,8 +53,10 @@ def get_extractor(name: str) -> Callable[[str], str]:
         )
     try:
         fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
+    except Exception as e:  # ImportError, AttributeError, ValueError/TypeError for odd names
         raise OpdError(f"extractor {name!r} could not be imported: {e}") from None
+    if not callable(fn):
+        raise OpdError(f"extractor {name!r} is not a function")
     return fn
 
 

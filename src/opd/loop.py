@@ -47,6 +47,11 @@ RESUMABLE_CHANGES = {
     "run.keep_checkpoints",
     "run.threads",
     "run.device",
+    "eval.prompts",
+    "eval.every",
+    "eval.max_new_tokens",
+    "eval.extractor",
+    "eval.limit",
 }
 
 
@@ -212,8 +217,20 @@ def distill(cfg: Config, force: bool = False) -> Path:
             return final_dir
         logger = MetricsLogger(out / "metrics.jsonl", start, cfg.run.steps, enabled=ctx.is_main)
         evaluating = bool(parts.eval_prompts)
-        if evaluating and start == 0 and ctx.is_main:
-            logger.log({"step": 0, **run_evaluation(parts)}, progress=False)
+        if evaluating and start == 0:
+            row = {"step": 0, **run_evaluation(parts)} if ctx.is_main else {}
+            stopped = should_stop(row, cfg, ctx)
+            logger.log(row | ({"eval/stopped": True} if stopped else {}), progress=False)
+            if stopped and ctx.is_main:
+                checkpoint.save(
+                    ckpt_root,
+                    0,
+                    parts.student,
+                    parts.optimizer,
+                    {"data_cursor": 0, "stopped": True},
+                    cfg.run.keep_checkpoints,
+                )
+            ctx.barrier()
         for step in range(start, cfg.run.steps if not stopped else start):
             metrics = train_step(step, parts)
             done = step + 1
@@ -222,9 +239,8 @@ def distill(cfg: Config, force: bool = False) -> Path:
             )
             if eval_now and ctx.is_main:
                 metrics |= run_evaluation(parts)
-            if eval_now and cfg.eval.stop_at > 0:  # every rank learns rank 0's verdict
-                passed = ctx.is_main and metrics["eval/accuracy"] >= cfg.eval.stop_at
-                stopped = ctx.max([float(passed)])[0] > 0
+            if eval_now:
+                stopped = should_stop(metrics, cfg, ctx)
             logger.log(metrics | ({"eval/stopped": True} if stopped else {}))
             if stopped or done % cfg.run.save_every == 0 or done == cfg.run.steps:
                 ctx.check_in_sync(parts.params, done)
@@ -254,6 +270,14 @@ def distill(cfg: Config, force: bool = False) -> Path:
         ctx.close()
 
 
+def should_stop(metrics: dict, cfg: Config, ctx: DistContext) -> bool:
+    """eval.stop_at reached? Rank 0 evaluates; every rank learns its verdict."""
+    if cfg.eval.stop_at <= 0:
+        return False
+    passed = ctx.is_main and metrics["eval/accuracy"] >= cfg.eval.stop_at
+    return ctx.max([float(passed)])[0] > 0
+
+
 def check_out(out: Path, cfg: Config, force: bool) -> None:
     """Refuse an --out that holds a different run; with --force, clear that run's files."""
     cfg_path = out / "config.json"
@@ -275,12 +299,13 @@ def check_out(out: Path, cfg: Config, force: bool) -> None:
             f"{cfg_path} is not a run config; use another --out, or --force to replace it"
         )
     new = config_mod.to_dict(cfg)
+    defaults = config_mod.to_dict(Config())  # a key an older opd did not write had its default
     free = RESUMABLE_CHANGES - ({"run.steps"} if cfg.optim.schedule == "cosine" else set())
     diff = [
         f"{s}.{k}"
         for s, table in new.items()
         for k, v in table.items()
-        if f"{s}.{k}" not in free and (old.get(s) or {}).get(k) != v
+        if f"{s}.{k}" not in free and (old.get(s) or {}).get(k, defaults[s][k]) != v
     ]
     if diff:
         raise OpdError(
@@ -353,6 +378,8 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
             ctx,
         )
         eval_prompts = eval_prompts[: cfg.eval.limit or None]
+        if not any("answer" in p.row for p in eval_prompts):
+            raise OpdError(f"eval.prompts={cfg.eval.prompts!r}: no row has an 'answer' to score")
         get_extractor(cfg.eval.extractor)  # fail now on a bad name, not at the first eval
     if m.lora_rank > 0:
         student = add_lora(student, m.lora_rank, m.lora_alpha, m.lora_target_modules)
@@ -366,6 +393,12 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
     )
     # The token source: the student itself (on-policy), the teacher (SFT on its samples), or data.
     if from_data:
+        if s.group_size != 1 and ctx.is_main:
+            print(
+                "opd: note: training on the rows' completions uses each row once per step "
+                "(sampling.group_size is ignored)",
+                file=sys.stderr,
+            )
         sampler = DatasetSampler(tokenizer.pad_token_id)
     else:
         source = student if on_policy else teacher_model
@@ -396,6 +429,8 @@ def eval_tokens(cfg: Config) -> int:
 
 def read_prompts(path, tokenizer, limits, max_new_tokens, overlong, key, with_completions, ctx):
     """Load a prompts file, checking each prompt against the context left for the completion."""
+    if not Path(path).is_file():
+        raise OpdError(f"{key}: prompts file not found: {path}")
     max_prompt = min(limits) - max_new_tokens if limits else None
     if max_prompt is not None and max_prompt < 1:
         raise OpdError(

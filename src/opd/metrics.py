@@ -26,7 +26,7 @@ class MetricsLogger:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line torn by a kill mid-write
-                if row.get("step", 0) <= start_step:
+                if start_step > 0 and row.get("step", 0) <= start_step:  # from 0: all again
                     kept.append(line)
             tmp = path.with_name(path.name + ".tmp")  # replace atomically: a kill keeps history
             tmp.write_text("".join(line + "\n" for line in kept))
@@ -51,7 +51,8 @@ class MetricsLogger:
                 f.write(json.dumps(metrics) + "\n")
         if not progress:
             return
-        shown = {"kl": metrics.get("teacher/kl", metrics.get("loss"))}
+        name = "kl" if "teacher/kl" in metrics else "loss"
+        shown = {name: metrics.get("teacher/kl", metrics.get("loss"))}
         if "eval/accuracy" in metrics:
             shown["acc"] = metrics["eval/accuracy"]
         if self.bar is not None:
@@ -60,10 +61,10 @@ class MetricsLogger:
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
         else:
-            name = "teacher/kl" if "teacher/kl" in metrics else "loss"
+            label = "teacher/kl" if name == "kl" else "loss"
             acc = f" | eval/accuracy {shown['acc']:.3f}" if shown.get("acc") is not None else ""
             print(
-                f"step {metrics['step']}/{self.total_steps} | {name} {shown['kl']:.4f}{acc} | "
+                f"step {metrics['step']}/{self.total_steps} | {label} {shown[name]:.4f}{acc} | "
                 f"{metrics['throughput/tokens_per_s']:.0f} tok/s | {metrics['time/step']:.2f} s",
                 file=sys.stderr,
                 flush=True,

@@ -217,7 +217,7 @@ def run_demo(
             "optim.warmup_steps": 50,
             "optim.schedule": "cosine",
             "optim.min_lr_ratio": 0.1,
-            "eval.every": 0,
+            "eval.prompts": "",  # the teacher is evaluated once, below
         },
     )
     teacher = t_dir / "final"

@@ -15,9 +15,9 @@ class DatasetSampler:
     def sample(
         self, prompts_P: list[Prompt], group_size: int, generator: torch.Generator
     ) -> Rollouts:
-        rows = [p for p in prompts_P for _ in range(group_size)]
+        """One row per prompt: copies of the same target would add cost, not signal."""
         tokens_BT, attention_BT, completion_BT, prompt_len = pack(
-            [p.ids for p in rows], [p.completion_ids for p in rows], self.pad_id
+            [p.ids for p in prompts_P], [p.completion_ids for p in prompts_P], self.pad_id
         )
         return Rollouts(
             tokens_BT=tokens_BT,
@@ -25,5 +25,5 @@ class DatasetSampler:
             completion_mask_BT=completion_BT,
             prompt_len=prompt_len,
             sampler_lp_BT=torch.zeros(tokens_BT.shape),  # not sampled: no sampler log-probs
-            prompt_index_B=torch.arange(len(prompts_P)).repeat_interleave(group_size),
+            prompt_index_B=torch.arange(len(prompts_P)),
         )
