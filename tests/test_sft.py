@@ -9,35 +9,33 @@ from opd.cli import main
 from .conftest import words, write_jsonl
 
 
-def test_sft_on_completions_learns_the_data(models, tmp_path, capsys):
+def sft_on_data(models, data, out, steps, *extra):
+    """`opd sft` of the random tiny student on the rows' own completions."""
+    args = ["sft", "--student", str(models["student"]), "--prompts", str(data), "--out", str(out)]
+    return [
+        *args,
+        "--steps",
+        str(steps),
+        "--batch-prompts",
+        "16",
+        "--max-new-tokens",
+        "6",
+        "--lr",
+        "1e-2",
+        *extra,
+    ]
+
+
+def xyz_rows(tmp_path):
     rows = [{"prompt": w + "=", "completion": "xyz", "answer": "xyz"} for w in words(64)]
-    data = write_jsonl(tmp_path / "gold.jsonl", rows)
-    out = tmp_path / "sft"
+    return write_jsonl(tmp_path / "gold.jsonl", rows)
+
+
+def test_sft_on_completions_learns_the_data(models, tmp_path, capsys):
+    data, out = xyz_rows(tmp_path), tmp_path / "sft"
+    extra = [f"eval.prompts={data}", "eval.every=15", "eval.limit=16"]
     with pytest.raises(SystemExit) as exc:
-        main(
-            [
-                "sft",
-                "--student",
-                str(models["student"]),
-                "--prompts",
-                str(data),
-                "--out",
-                str(out),
-                "--steps",
-                "30",
-                "--batch-prompts",
-                "16",
-                "--group-size",
-                "1",
-                "--max-new-tokens",
-                "6",
-                "--lr",
-                "1e-2",
-                f"eval.prompts={data}",
-                "eval.every=15",
-                "eval.limit=16",
-            ]
-        )
+        main(sft_on_data(models, data, out, 30, *extra))
     assert exc.value.code == 0, capsys.readouterr().err
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert m[0]["step"] == 0 and m[0]["eval/accuracy"] == 0.0  # evaluated before training
@@ -101,32 +99,9 @@ def test_sft_without_teacher_needs_completions(models, prompts_file, tmp_path, c
 
 
 def test_eval_stop_at_ends_the_run_early_and_stays_complete(models, tmp_path, capsys):
-    rows = [{"prompt": w + "=", "completion": "xyz", "answer": "xyz"} for w in words(64)]
-    data = write_jsonl(tmp_path / "gold.jsonl", rows)
-    out = tmp_path / "sft"
-    args = [
-        "sft",
-        "--student",
-        str(models["student"]),
-        "--prompts",
-        str(data),
-        "--out",
-        str(out),
-        "--steps",
-        "200",
-        "--batch-prompts",
-        "16",
-        "--group-size",
-        "1",
-        "--max-new-tokens",
-        "6",
-        "--lr",
-        "1e-2",
-        f"eval.prompts={data}",
-        "eval.every=5",
-        "eval.limit=16",
-        "eval.stop_at=1.0",
-    ]
+    data, out = xyz_rows(tmp_path), tmp_path / "sft"
+    extra = [f"eval.prompts={data}", "eval.every=5", "eval.limit=16", "eval.stop_at=1.0"]
+    args = sft_on_data(models, data, out, 200, *extra)
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0
@@ -174,25 +149,13 @@ def test_stop_at_is_checked_before_the_first_step(models, tmp_path, capsys):
     rows = [{"prompt": w + "=", "completion": "x", "answer": ""} for w in words(8)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)  # the empty answer: any output scores 1.0
     out = tmp_path / "o"
+    extra = [
+        f"eval.prompts={data}",
+        "eval.extractor=opd.tasks.addition:extract_answer",
+        "eval.stop_at=1.0",
+    ]
     with pytest.raises(SystemExit) as exc:
-        main(
-            [
-                "sft",
-                "--student",
-                str(models["student"]),
-                "--prompts",
-                str(data),
-                "--out",
-                str(out),
-                "--steps",
-                "5",
-                "--max-new-tokens",
-                "4",
-                f"eval.prompts={data}",
-                "eval.extractor=opd.tasks.addition:extract_answer",
-                "eval.stop_at=1.0",
-            ]
-        )
+        main(sft_on_data(models, data, out, 5, *extra))
     assert exc.value.code == 0, capsys.readouterr().err
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(m) == 1 and m[0]["step"] == 0 and m[0]["eval/stopped"] is True
