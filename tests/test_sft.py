@@ -26,6 +26,12 @@ def sft_on_data(models, data, out, steps, *extra):
     ]
 
 
+def sft_from_pattern_teacher(models, prompts, out, steps, *extra):
+    """`opd sft` of the random tiny student on samples of the teacher that always writes "xyz"."""
+    args = ["sft", "--student", str(models["student"]), "--teacher", str(models["pattern"])]
+    return [*args, "--prompts", str(prompts), "--out", str(out), "--steps", str(steps), *extra]
+
+
 def xyz_rows(tmp_path):
     rows = [{"prompt": w + "=", "completion": "xyz", "answer": "xyz"} for w in words(64)]
     return write_jsonl(tmp_path / "gold.jsonl", rows)
@@ -47,30 +53,9 @@ def test_sft_on_completions_learns_the_data(models, tmp_path, capsys):
 
 def test_sft_on_teacher_samples(models, prompts_file, tmp_path, capsys):
     out = tmp_path / "sft"
+    extra = ["--batch-prompts", "8", "--group-size", "2", "--max-new-tokens", "6", "--lr", "1e-2"]
     with pytest.raises(SystemExit) as exc:
-        main(
-            [
-                "sft",
-                "--student",
-                str(models["student"]),
-                "--teacher",
-                str(models["pattern"]),
-                "--prompts",
-                str(prompts_file),
-                "--out",
-                str(out),
-                "--steps",
-                "25",
-                "--batch-prompts",
-                "8",
-                "--group-size",
-                "2",
-                "--max-new-tokens",
-                "6",
-                "--lr",
-                "1e-2",
-            ]
-        )
+        main(sft_from_pattern_teacher(models, prompts_file, out, 25, *extra))
     assert exc.value.code == 0, capsys.readouterr().err
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the teacher always writes "xyz" + EOS: 4 tokens a row, and the student learns to copy it
@@ -117,19 +102,7 @@ def test_eval_stop_at_ends_the_run_early_and_stays_complete(models, tmp_path, ca
 
 
 def test_eval_settings_need_scorable_prompts(models, prompts_file, tmp_path, capsys):
-    base = [
-        "sft",
-        "--student",
-        str(models["student"]),
-        "--teacher",
-        str(models["pattern"]),
-        "--prompts",
-        str(prompts_file),
-        "--out",
-        str(tmp_path / "o"),
-        "--steps",
-        "2",
-    ]
+    base = sft_from_pattern_teacher(models, prompts_file, tmp_path / "o", 2)
     no_answers = write_jsonl(tmp_path / "na.jsonl", [{"prompt": "ab="}])
     for extra, needle in (
         (["eval.every=5"], "eval.every=5: must be 0 when eval.prompts is not set"),

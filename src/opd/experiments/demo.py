@@ -108,11 +108,22 @@ def _stage(flags: dict, quiet: bool, force: bool = False) -> Path:
 
 
 def _train_from_scratch(
-    stage_dir: Path, tok, hidden: int, layers: int, seed: int, quiet: bool, flags: dict
-) -> None:
-    """`opd sft` of a fresh tiny Llama into stage_dir/final, unless that is already there."""
+    stage_dir: Path,
+    tok,
+    hidden: int,
+    layers: int,
+    seed: int,
+    quiet: bool,
+    flags: dict,
+    log,
+    name: str,
+    plan: str,
+) -> bool:
+    """`opd sft` of a fresh tiny Llama into stage_dir/final; returns True when it was cached."""
     if (stage_dir / "final").is_dir():
-        return
+        log(f"{name}: reusing {stage_dir}")
+        return True
+    log(plan)
     model = tiny.tiny_model(
         tok, hidden=hidden, layers=layers, heads=4, kv_heads=4, max_positions=128, seed=seed
     )
@@ -128,6 +139,7 @@ def _train_from_scratch(
         quiet,
     )
     (stage_dir / "run" / "final").rename(stage_dir / "final")
+    return False
 
 
 def _accuracy(model_dir: Path, test: Path, max_new: int) -> float:
@@ -194,14 +206,7 @@ def run_demo(
     )
     t_dir = cache / f"teacher-{t_key}"
     t0 = time.time()
-    teacher_cached = (t_dir / "final").is_dir()
-    log(
-        f"teacher: reusing {t_dir}"
-        if teacher_cached
-        else f"training the teacher (Llama h{s.teacher_hidden}/L{s.teacher_layers}) on "
-        f"{s.digits}-digit addition, {s.teacher_steps} steps ..."
-    )
-    _train_from_scratch(
+    teacher_cached = _train_from_scratch(
         t_dir,
         tok,
         s.teacher_hidden,
@@ -219,6 +224,10 @@ def run_demo(
             "optim.min_lr_ratio": 0.1,
             "eval.prompts": "",  # the teacher is evaluated once, below
         },
+        log,
+        "teacher",
+        f"training the teacher (Llama h{s.teacher_hidden}/L{s.teacher_layers}) on "
+        f"{s.digits}-digit addition, {s.teacher_steps} steps ...",
     )
     teacher = t_dir / "final"
     teacher_seconds = time.time() - t0
@@ -239,14 +248,7 @@ def run_demo(
     )
     s_dir = cache / f"sft-{s_key}"
     t0 = time.time()
-    sft_cached = (s_dir / "final").is_dir()
-    log(
-        f"SFT student: reusing {s_dir}"
-        if sft_cached
-        else f"SFT: student (Llama h{s.student_hidden}/L{s.student_layers}) on the teacher's samples, "
-        f"until {s.sft_stop_at:.0%} validation accuracy (at most {s.sft_steps} steps) ..."
-    )
-    _train_from_scratch(
+    sft_cached = _train_from_scratch(
         s_dir,
         tok,
         s.student_hidden,
@@ -265,6 +267,10 @@ def run_demo(
             "eval.every": s.sft_eval_every,
             "eval.stop_at": s.sft_stop_at,
         },
+        log,
+        "SFT student",
+        f"SFT: student (Llama h{s.student_hidden}/L{s.student_layers}) on the teacher's samples, "
+        f"until {s.sft_stop_at:.0%} validation accuracy (at most {s.sft_steps} steps) ...",
     )
     sft = s_dir / "final"
     sft_seconds = time.time() - t0
