@@ -19,6 +19,9 @@ from opd.errors import OpdError
 FLAGS = {
     "--student": "model.student",
     "--teacher": "model.teacher",
+    "--teacher-model": "model.teacher_model",
+    "--teacher-api-key": "model.teacher_api_key",
+    "--loss": "objective.loss",
     "--prompts": "data.prompts",
     "--out": "run.out",
     "--steps": "run.steps",
@@ -120,6 +123,35 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
     dm.add_argument("--verbose", action="store_true", help="show every step of every stage")
 
+    st = sub.add_parser(
+        "serve-teacher",
+        help="serve a teacher's prompt log-probs over vLLM's /v1/completions API",
+        description="Serve MODEL_DIR's log-probs of given token ids (vLLM's prompt_logprobs "
+        "API): for `opd distill --teacher http://HOST:PORT/v1` or any trainer.",
+    )
+    st.add_argument("model_dir", metavar="MODEL_DIR", help="teacher model folder")
+    st.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    st.add_argument("--port", type=int, default=8000)
+    st.add_argument("--name", default="teacher", help="served model name (default 'teacher')")
+    st.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default $OPD_TEACHER_API_KEY)",
+    )
+    st.add_argument("--max-logprobs", type=int, default=20, help="largest prompt_logprobs k")
+    st.add_argument("--max-rows", type=int, default=256, help="most sequences in one request")
+    st.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    st.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    ck = sub.add_parser(
+        "check",
+        help="preflight: is this teacher usable for this student? (tokenizers, KLs)",
+    )
+    ck.add_argument("--student", required=True, help="student model folder")
+    ck.add_argument("--teacher", required=True, help="teacher folder or server URL")
+    ck.add_argument("--prompts", help="prompts JSONL to sample from (default: a few built-in)")
+    ck.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+
     q = sub.add_parser("quickstart", help="build tiny models, distil one into the other, report")
     q.add_argument("--out", default="runs/quickstart", help="output folder")
     q.add_argument("--steps", type=int, default=100)
@@ -156,6 +188,37 @@ def run(argv: list[str] | None = None) -> int:
 
         preset = args.preset or ("quick" if args.quick else "default")
         run_demo(args.out, preset, args.seed, args.cache_dir, quiet=not args.verbose)
+    elif args.command == "serve-teacher":
+        from opd.serve import serve
+
+        if not 0 < args.port < 65536:
+            raise OpdError(f"--port={args.port}: must be in 1..65535")
+        if args.max_logprobs < 0 or args.max_rows < 1:
+            raise OpdError("--max-logprobs must be >= 0 and --max-rows >= 1")
+        api_key = (
+            args.api_key if args.api_key is not None else os.environ.get("OPD_TEACHER_API_KEY", "")
+        )
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+            print(
+                f"opd: warning: serving on {args.host} without --api-key: anyone who can reach "
+                "this port can use the teacher",
+                file=sys.stderr,
+            )
+        serve(
+            args.model_dir,
+            args.host,
+            args.port,
+            args.name,
+            api_key,
+            args.max_logprobs,
+            args.max_rows,
+            args.dtype,
+            args.device,
+        )
+    elif args.command == "check":
+        from opd.preflight import check_command
+
+        return check_command(args.student, args.teacher, args.prompts, args.overrides)
     elif args.command == "quickstart":
         from opd.quickstart import quickstart
 

@@ -29,7 +29,22 @@ def _f(default, help: str, **kw):
 @dataclass(frozen=True)
 class ModelConfig:
     student: str = _f("", "Student model: a local Hugging Face folder (weights + tokenizer).")
-    teacher: str = _f("", "Teacher model: a local Hugging Face folder with the same tokenizer.")
+    teacher: str = _f(
+        "",
+        "Teacher: a local Hugging Face folder with the same tokenizer, or a server's URL "
+        "(http://HOST:PORT/v1: vLLM, SGLang, `opd serve-teacher`).",
+    )
+    teacher_model: str = _f(
+        "", "Served teacher's model name; empty asks the server (when it serves exactly one)."
+    )
+    teacher_api_key: str = _f(
+        "", "Bearer key for served teachers; empty reads OPD_TEACHER_API_KEY (never saved)."
+    )
+    teachers: str = _f(
+        "",
+        "More teachers, 'name=FOLDER_OR_URL,...': a prompt row's 'teacher' field picks one; "
+        "rows without it use model.teacher.",
+    )
     lora_rank: int = _f(0, "LoRA rank; 0 trains every weight (full fine-tune).")
     lora_alpha: float = _f(32.0, "LoRA alpha (the update is scaled by alpha / rank).")
     lora_target_modules: str = _f(
@@ -72,6 +87,20 @@ class ObjectiveConfig:
     discount: float = _f(
         0.0, "Discount gamma: 0 judges each token alone; > 0 sums discounted future advantages."
     )
+    loss: str = _f(
+        "sampled",
+        "'sampled': policy gradient on the sampled tokens' reverse KL (the blog's); 'topk': "
+        "reverse KL over the teacher's top-k tokens plus a tail bucket; 'full': full-vocabulary "
+        "reverse KL; 'jsd': generalized JSD (objective.jsd_beta). 'full'/'jsd' need "
+        "in-process teachers.",
+    )
+    topk: int = _f(20, "k for objective.loss='topk' (a served teacher must allow it).")
+    jsd_beta: float = _f(
+        0.5, "Generalized JSD beta: 0 = forward KL(teacher||student), 1 = reverse KL."
+    )
+    chunk_tokens: int = _f(
+        512, "Positions per chunk for the topk/full/jsd losses (bounds the logits in memory)."
+    )
     clip_ratio: float = _f(
         0.0, "PPO-style clip of the importance ratio to [1-c, 1+c]; 0 turns clipping off."
     )
@@ -91,6 +120,20 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    api: str = _f(
+        "vllm",
+        "Served teacher's API: 'vllm' (OpenAI /completions with prompt_logprobs; "
+        "also opd serve-teacher) or 'sglang' (native /generate).",
+    )
+    timeout: float = _f(120.0, "Seconds to wait for one scoring request.")
+    retries: int = _f(4, "Retries of a failed request (5xx, timeout, dropped, malformed).")
+    backoff: float = _f(0.5, "First retry's wait in seconds; doubles each retry.")
+    concurrency: int = _f(4, "Scoring requests in flight at once.")
+    batch_rows: int = _f(16, "Sequences per scoring request.")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     out: str = _f("", "Output folder: config, metrics, checkpoints, final model.")
     steps: int = _f(100, "Optimizer steps.")
@@ -102,6 +145,9 @@ class RunConfig:
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (older ones are deleted).")
     device: str = _f("auto", "'auto' (cuda when present, else cpu), 'cpu' or 'cuda'.")
     threads: int = _f(0, "CPU threads for torch; 0 leaves torch's choice (divided among ranks).")
+    preflight: bool = _f(
+        True, "Check the teacher before step 1: its KL on its own samples and the start KL."
+    )
 
 
 @dataclass(frozen=True)
@@ -127,6 +173,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -137,6 +184,7 @@ _SECTION_TYPES = {
     "sampling": SamplingConfig,
     "objective": ObjectiveConfig,
     "optim": OptimConfig,
+    "remote": RemoteConfig,
     "run": RunConfig,
     "eval": EvalConfig,
 }
@@ -280,6 +328,22 @@ def validate(cfg: Config) -> None:
     _check(r.threads >= 0, "run.threads", r.threads, ">= 0")
     _check(0 <= r.seed < 2**31, "run.seed", r.seed, "in [0, 2**31)")
     _check(o.kind in ("opd", "sft"), "objective.kind", o.kind, "'opd' or 'sft'")
+    _check(
+        o.loss in ("sampled", "topk", "full", "jsd"),
+        "objective.loss",
+        o.loss,
+        "'sampled', 'topk', 'full' or 'jsd'",
+    )
+    _check(o.topk >= 1, "objective.topk", o.topk, ">= 1")
+    _check(0 <= o.jsd_beta <= 1, "objective.jsd_beta", o.jsd_beta, "in [0, 1]")
+    _check(o.chunk_tokens >= 1, "objective.chunk_tokens", o.chunk_tokens, ">= 1")
+    rm = cfg.remote
+    _check(rm.api in ("vllm", "sglang"), "remote.api", rm.api, "'vllm' or 'sglang'")
+    _check(rm.timeout > 0, "remote.timeout", rm.timeout, "> 0")
+    _check(rm.retries >= 0, "remote.retries", rm.retries, ">= 0")
+    _check(rm.backoff >= 0, "remote.backoff", rm.backoff, ">= 0")
+    _check(rm.concurrency >= 1, "remote.concurrency", rm.concurrency, ">= 1")
+    _check(rm.batch_rows >= 1, "remote.batch_rows", rm.batch_rows, ">= 1")
     ev = cfg.eval
     _check(ev.every >= 0, "eval.every", ev.every, ">= 0")
     _check(ev.max_new_tokens >= 0, "eval.max_new_tokens", ev.max_new_tokens, ">= 0")

@@ -23,6 +23,7 @@ from opd import config as config_mod
 from opd.config import Config
 from opd.data import Prompt, load_prompts, step_indices
 from opd.distributed import DistContext, setup
+from opd.divergences import divergence_loss_chunked, gather_topk_fn, local_teacher_fn
 from opd.errors import OpdError
 from opd.evaluate import get_extractor, run_eval
 from opd.metrics import MetricsLogger
@@ -38,7 +39,11 @@ from opd.objectives import kl_advantages, lr_at, nll_loss, policy_gradient_loss,
 from opd.samplers import Sampler, make_sampler
 from opd.samplers.dataset import DatasetSampler
 from opd.scoring import completion_logprobs
-from opd.teachers import Teacher, make_teacher
+from opd.teachers import DEFAULT, TeacherRouter, is_url, make_teacher, teacher_specs
+from opd.teachers.served import ServedTeacher
+
+# objective.loss -> the divergence computed over the vocabulary (opd.divergences)
+DIVERGENCES = {"topk": "topk_reverse_kl", "full": "reverse_kl", "jsd": "jsd"}
 
 # Fields that may change between a run and its resumption without making it a different run.
 RESUMABLE_CHANGES = {
@@ -52,6 +57,13 @@ RESUMABLE_CHANGES = {
     "eval.max_new_tokens",
     "eval.extractor",
     "eval.limit",
+    "model.teacher_api_key",  # never saved
+    "remote.timeout",
+    "remote.retries",
+    "remote.backoff",
+    "remote.concurrency",
+    "remote.batch_rows",
+    "run.preflight",
 }
 
 
@@ -65,7 +77,7 @@ class Parts:
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     sampler: Sampler
-    teacher: Teacher | None  # None when training with SFT
+    teacher: TeacherRouter | None  # None when training with SFT
     prompts: list[Prompt]
     vocab_size: int
     tokenizer: object
@@ -90,20 +102,25 @@ def train_step(step: int, p: Parts) -> dict:
         ctx.world_size,
     )
     gen = sampling_generator(cfg.run.seed, step, ctx.rank, ctx.device)
-    batch = p.sampler.sample([p.prompts[i] for i in idx], cfg.sampling.group_size, gen)
+    step_prompts = [p.prompts[i] for i in idx]
+    batch = p.sampler.sample(step_prompts, cfg.sampling.group_size, gen)
     t1 = time.perf_counter()
 
     mask_BT = batch.completion_mask_BT
     on_policy = cfg.objective.kind == "opd"
+    loss_kind = cfg.objective.loss if on_policy else "sft"
     if on_policy:
-        batch.teacher_lp_BT = p.teacher.score(batch)
-        batch.advantages_BT = kl_advantages(
-            batch.sampler_lp_BT,
-            batch.teacher_lp_BT,
-            mask_BT,
-            cfg.objective.kl_coef,
-            cfg.objective.discount,
-        )
+        names_B = p.teacher.names(batch, [x.row.get("teacher", DEFAULT) for x in step_prompts])
+        k = cfg.objective.topk if loss_kind == "topk" else 0
+        batch.teacher_lp_BT, top_ids_BTK, top_lp_BTK = p.teacher.score_topk(batch, names_B, k)
+        if loss_kind == "sampled":
+            batch.advantages_BT = kl_advantages(
+                batch.sampler_lp_BT,
+                batch.teacher_lp_BT,
+                mask_BT,
+                cfg.objective.kl_coef,
+                cfg.objective.discount,
+            )
     t2 = time.perf_counter()
 
     # Normalise by the completion tokens of the whole step (every micro-batch, every rank).
@@ -125,6 +142,22 @@ def train_step(step: int, p: Parts) -> dict:
     mbs = cfg.run.micro_batch_size or batch.num_rows
     for start in range(0, batch.num_rows, mbs):
         mb = batch.slice(start, start + mbs)
+        if loss_kind in DIVERGENCES:  # backpropagates chunk by chunk itself
+            fn = divergence_teacher(
+                p, mb, names_B[start : start + mbs], top_ids_BTK, top_lp_BTK, start
+            )
+            loss, _ = divergence_loss_chunked(
+                p.student,
+                mb,
+                fn,
+                DIVERGENCES[loss_kind],
+                p.vocab_size,
+                n_tokens,
+                cfg.objective.chunk_tokens,
+                cfg.objective.jsd_beta,
+            )
+            loss_sum += loss
+            continue
         train_lp_BT = completion_logprobs(
             p.student, mb.tokens_BT, mb.attention_mask_BT, batch.prompt_len, p.vocab_size
         )
@@ -180,21 +213,75 @@ def train_step(step: int, p: Parts) -> dict:
         denom = max(n_tokens, 1)
         metrics |= {
             "teacher/kl": sums[0] / denom,
-            "ratio/mean": sums[1] / denom,
-            "ratio/max": ratio_max,
             "teacher/logprob": sums[2] / denom,
             "sampler/logprob": sums[3] / denom,
         }
+        if loss_kind == "sampled":
+            metrics |= {"ratio/mean": sums[1] / denom, "ratio/max": ratio_max}
+        if len(p.teacher.teachers) > 1:
+            metrics |= per_teacher_kl(batch, names_B, sorted(p.teacher.teachers), ctx)
     return metrics
+
+
+def divergence_teacher(p: Parts, mb, names_mb: list[str], ids_BTK, lp_BTK, start: int):
+    """The teacher side of a topk/full/jsd loss for micro-batch `mb` (rows from `start`)."""
+    if ids_BTK is not None:  # top-k, already scored (served or in-process)
+        end = start + mb.num_rows
+        return gather_topk_fn(ids_BTK[start:end], lp_BTK[start:end])
+    fns = {}
+    for name, rows in p.teacher.groups(names_mb).items():
+        model = p.teacher.teachers[name].model
+        where = torch.full((mb.num_rows,), -1, dtype=torch.long)
+        where[rows] = torch.arange(len(rows))
+        fns[name] = (local_teacher_fn(model, mb.select(rows), p.vocab_size), where)
+    if len(fns) == 1:
+        ((fn, _),) = fns.values()
+        return fn
+
+    def routed(rows_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
+        out = None
+        for name, (fn, where) in fns.items():
+            sel = torch.tensor([names_mb[r] == name for r in rows_N.tolist()])
+            if not sel.any():
+                continue
+            part = fn(where[rows_N[sel].cpu()], cols_N[sel])
+            if out is None:
+                out = part.new_zeros(len(rows_N), part.shape[1])
+            out[sel.to(part.device)] = part
+        return out
+
+    return routed
+
+
+def per_teacher_kl(batch, names_B: list[str], names: list[str], ctx: DistContext) -> dict:
+    """teacher/kl/<name>: the per-token reverse KL of the rows each teacher scored."""
+    mask_BT = batch.completion_mask_BT
+    kl_B = reverse_kl(batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT).sum(-1)
+    tokens_B = mask_BT.sum(-1)
+    sums = []
+    for name in names:
+        rows = torch.tensor([n == name for n in names_B], device=kl_B.device)
+        sums += [kl_B[rows].sum().item(), tokens_B[rows].sum().item()]
+    sums = ctx.sum(sums)
+    return {
+        f"teacher/kl/{name}": sums[2 * i] / sums[2 * i + 1]
+        for i, name in enumerate(names)
+        if sums[2 * i + 1] > 0
+    }
 
 
 def distill(cfg: Config, force: bool = False) -> Path:
     """Run (or resume) a distillation; returns the folder of the final model."""
     ctx = setup(cfg.run.device, cfg.run.threads)
+    parts = None
     try:
         out = Path(cfg.run.out)
         ckpt_root = out / "checkpoints"
         parts = setup_run(cfg, ctx)  # every input is checked before anything is written
+        if parts.teacher is not None and cfg.run.preflight and ctx.is_main:
+            from opd.preflight import check_before_run
+
+            check_before_run(parts)
         if ctx.is_main:
             check_out(out, cfg, force)
             checkpoint.clean_partial(ckpt_root)
@@ -267,6 +354,8 @@ def distill(cfg: Config, force: bool = False) -> Path:
         ctx.barrier()
         return final_dir
     finally:
+        if parts is not None and parts.teacher is not None:
+            parts.teacher.close()
         ctx.close()
 
 
@@ -319,7 +408,9 @@ def write_config(out: Path, cfg: Config) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".config.json.tmp"
-        tmp.write_text(json.dumps(config_mod.to_dict(cfg), indent=2) + "\n")
+        saved = config_mod.to_dict(cfg)
+        saved["model"]["teacher_api_key"] = ""  # a secret stays out of the run folder
+        tmp.write_text(json.dumps(saved, indent=2) + "\n")
         os.replace(tmp, out / "config.json")
     except OSError as e:
         raise OpdError(f"run.out={str(out)!r}: cannot write there ({e.strerror})") from None
@@ -347,12 +438,20 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
     torch.manual_seed(cfg.run.seed)
     tokenizer = load_tokenizer(m.student, "model.student")
     student = load_model(m.student, m.dtype, ctx.device, "model.student")
-    teacher_model, vocab_size = None, min(len(tokenizer), output_vocab(student))
-    if m.teacher:
-        teacher_tok = load_tokenizer(m.teacher, "model.teacher")
-        teacher_model = load_model(m.teacher, m.teacher_dtype, ctx.device, "model.teacher")
-        vocab_size = check_compatible(tokenizer, teacher_tok, student, teacher_model)
-    models = [x for x in (student, teacher_model) if x is not None]
+    teachers, vocab_size = load_teachers(cfg, tokenizer, student, ctx)
+    teacher_model = teachers.get(DEFAULT)
+    if not on_policy and m.teacher and not isinstance(teacher_model, torch.nn.Module):
+        raise OpdError(
+            f"model.teacher={m.teacher!r}: objective.kind=sft samples from the teacher, "
+            "which needs a local model folder"
+        )
+    local = [t for t in teachers.values() if isinstance(t, torch.nn.Module)]
+    if on_policy and cfg.objective.loss in ("full", "jsd") and len(local) < len(teachers):
+        raise OpdError(
+            f"objective.loss={cfg.objective.loss!r} needs every teacher in-process (full "
+            "logits); served teachers support 'sampled' and 'topk'"
+        )
+    models = [student, *local]
     limits = [n for n in map(context_length, models) if n]
     from_data = not on_policy and teacher_model is None
     prompts = read_prompts(
@@ -405,9 +504,25 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
         sampler = make_sampler(
             source, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k
         )
-    teacher = (
-        make_teacher(teacher_model, vocab_size, cfg.run.micro_batch_size) if on_policy else None
-    )
+    if on_policy:
+        for prompt in prompts:
+            name = prompt.row.get("teacher", DEFAULT)
+            if name not in teachers:
+                known = ", ".join(sorted(teachers))
+                raise OpdError(
+                    f"{prompt.where}: teacher {name!r} is not configured (teachers: {known}; "
+                    "add it to model.teachers as name=FOLDER_OR_URL)"
+                )
+    teacher = None
+    if on_policy:
+        teacher = TeacherRouter(
+            {
+                name: make_teacher(t, vocab_size, cfg.run.micro_batch_size)
+                if isinstance(t, torch.nn.Module)
+                else t
+                for name, t in teachers.items()
+            }
+        )
     return Parts(
         cfg,
         ctx,
@@ -421,6 +536,34 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
         tokenizer,
         eval_prompts,
     )
+
+
+def load_teachers(cfg: Config, tokenizer, student, ctx: DistContext):
+    """{name: local model or ServedTeacher} and the vocabulary size every log-prob is cut to."""
+    m, r = cfg.model, cfg.remote
+    vocab_size = min(len(tokenizer), output_vocab(student))
+    api_key = m.teacher_api_key or os.environ.get("OPD_TEACHER_API_KEY", "")
+    teachers = {}
+    for name, spec in teacher_specs(m.teacher, m.teachers).items():
+        what = "model.teacher" if name == DEFAULT else f"model.teachers[{name}]"
+        if is_url(spec):
+            teachers[name] = ServedTeacher(
+                spec,
+                m.teacher_model if name == DEFAULT else "",
+                api_key,
+                r.api,
+                r.timeout,
+                r.retries,
+                r.backoff,
+                r.concurrency,
+                r.batch_rows,
+            )
+            continue
+        teacher_tok = load_tokenizer(spec, what)
+        model = load_model(spec, m.teacher_dtype, ctx.device, what)
+        vocab_size = min(vocab_size, check_compatible(tokenizer, teacher_tok, student, model))
+        teachers[name] = model
+    return teachers, vocab_size
 
 
 def eval_tokens(cfg: Config) -> int:

@@ -46,8 +46,14 @@ def completion_logprobs(
     Gradients flow when called with grad enabled (the trainer); teachers call it under
     torch.inference_mode.
     """
-    B, T = tokens_BT.shape
-    n_completion = T - prompt_len
+    logits_BCV = completion_logits(model, tokens_BT, attention_mask_BT, prompt_len)
+    lp_BC = token_logprobs(logits_BCV, tokens_BT[:, prompt_len:], vocab_size)
+    return torch.cat([lp_BC.new_zeros(tokens_BT.shape[0], prompt_len), lp_BC], dim=1)
+
+
+def completion_logits(model, tokens_BT, attention_mask_BT, prompt_len: int) -> torch.Tensor:
+    """(B, T - prompt_len, V) logits that predict the completion columns (position t-1 for t)."""
+    n_completion = tokens_BT.shape[1] - prompt_len
     kwargs = {}
     if "logits_to_keep" in _forward_params(type(model)):
         kwargs["logits_to_keep"] = n_completion + 1
@@ -58,6 +64,31 @@ def completion_logprobs(
         use_cache=False,
         **kwargs,
     )
-    logits_BTV = out.logits[:, -(n_completion + 1) : -1]  # positions prompt_len-1 .. T-2
-    lp_BC = token_logprobs(logits_BTV, tokens_BT[:, prompt_len:], vocab_size)
-    return torch.cat([lp_BC.new_zeros(B, prompt_len), lp_BC], dim=1)
+    return out.logits[:, -(n_completion + 1) : -1]  # positions prompt_len-1 .. T-2
+
+
+def completion_topk(model, tokens_BT, attention_mask_BT, prompt_len: int, vocab_size: int, k: int):
+    """Sampled-token log-probs (B, T) and the top-k of every completion position.
+
+    The top-k come as (B, T, k + 1) ids and log-probs: the k most likely tokens, then the sampled
+    token when it is not among them (else id -1, log-prob -inf); prompt columns hold -1 / -inf.
+    """
+    B, T = tokens_BT.shape
+    logits_BCV = completion_logits(model, tokens_BT, attention_mask_BT, prompt_len)
+    lp_BCV = torch.log_softmax(logits_BCV[..., :vocab_size].float(), dim=-1)
+    sampled_BC = tokens_BT[:, prompt_len:]
+    lp_BC = lp_BCV.gather(-1, sampled_BC.unsqueeze(-1)).squeeze(-1)
+    top_lp_BCK, top_id_BCK = lp_BCV.topk(min(k, vocab_size), dim=-1)
+    if k > vocab_size:  # a tiny vocabulary: pad to k entries
+        pad = (0, k - vocab_size)
+        top_lp_BCK = torch.nn.functional.pad(top_lp_BCK, pad, value=-torch.inf)
+        top_id_BCK = torch.nn.functional.pad(top_id_BCK, pad, value=-1)
+    inside_BC = (top_id_BCK == sampled_BC.unsqueeze(-1)).any(-1)
+    extra_id = torch.where(inside_BC, -1, sampled_BC)
+    extra_lp = torch.where(inside_BC, -torch.inf, lp_BC)
+    ids_BCK = torch.cat([top_id_BCK, extra_id.unsqueeze(-1)], dim=-1)
+    lpk_BCK = torch.cat([top_lp_BCK, extra_lp.unsqueeze(-1)], dim=-1)
+    ids_BTK = torch.cat([ids_BCK.new_full((B, prompt_len, k + 1), -1), ids_BCK], dim=1)
+    lpk_BTK = torch.cat([lpk_BCK.new_full((B, prompt_len, k + 1), -torch.inf), lpk_BCK], dim=1)
+    lp_BT = torch.cat([lp_BC.new_zeros(B, prompt_len), lp_BC], dim=1)
+    return lp_BT, ids_BTK, lpk_BTK

@@ -41,9 +41,15 @@ class Rollouts:
 
     def slice(self, start: int, stop: int) -> Rollouts:
         """Rows [start, stop) as a new batch (for micro-batching)."""
+        return self._rows(lambda t: t[start:stop])
 
+    def select(self, rows_B: torch.Tensor) -> Rollouts:
+        """The rows at these indices as a new batch (for routing rows to teachers)."""
+        return self._rows(lambda t: t[rows_B.to(t.device)])
+
+    def _rows(self, cut_rows) -> Rollouts:
         def cut(t):
-            return None if t is None else t[start:stop]
+            return None if t is None else cut_rows(t)
 
         return replace(
             self,

@@ -1,7 +1,8 @@
 """Teachers score sampled tokens: log p_teacher(x_t | prompt, x_<t) for every completion token.
 
-A backend is any object with this `score` method; only the gathered log-probs leave it. Served
-teachers (vLLM / SGLang / our own server) are new classes here and one line in the factory.
+A backend is any object with a `score` method (and `score_topk` for the top-k loss): the
+in-process `LocalTeacher` or the HTTP `ServedTeacher`. `TeacherRouter` holds one or more named
+teachers and sends each row to the teacher its prompt names (the row's "teacher" field).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from typing import Protocol
 
 import torch
 
+from opd.errors import OpdError
 from opd.types import Rollouts
+
+DEFAULT = "default"
 
 
 class Teacher(Protocol):
@@ -18,8 +22,80 @@ class Teacher(Protocol):
         """(B, T) teacher log-probs aligned with rollouts.tokens_BT (0 outside completions)."""
         ...
 
+    def score_topk(self, rollouts: Rollouts, k: int):
+        """(lp_BT, ids_BTK, lp_BTK): sampled-token log-probs and the teacher's top-k."""
+        ...
+
+
+def is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def teacher_specs(teacher: str, teachers: str) -> dict[str, str]:
+    """{name: folder or URL}: model.teacher as "default", plus model.teachers' name=spec pairs."""
+    specs = {DEFAULT: teacher} if teacher else {}
+    for item in filter(None, (x.strip() for x in teachers.split(","))):
+        name, sep, spec = (s.strip() for s in item.partition("="))
+        if not sep or not name or not spec:
+            raise OpdError(f"model.teachers: {item!r} is not name=FOLDER_OR_URL")
+        if name in specs:
+            raise OpdError(f"model.teachers: teacher {name!r} is named twice")
+        specs[name] = spec
+    return specs
+
 
 def make_teacher(model, vocab_size: int, micro_batch_size: int = 0) -> Teacher:
     from opd.teachers.local import LocalTeacher
 
     return LocalTeacher(model, vocab_size, micro_batch_size)
+
+
+class TeacherRouter:
+    """Named teachers; each row goes to the teacher of its prompt (default: "default")."""
+
+    def __init__(self, teachers: dict[str, Teacher]):
+        self.teachers = teachers
+
+    def names(self, rollouts: Rollouts, prompt_names: list[str]) -> list[str]:
+        return [prompt_names[i] for i in rollouts.prompt_index_B.tolist()]
+
+    def groups(self, names_B: list[str]) -> dict[str, torch.Tensor]:
+        """{teacher name: row indices}, in a fixed order."""
+        out: dict[str, list[int]] = {}
+        for b, name in enumerate(names_B):
+            out.setdefault(name, []).append(b)
+        return {name: torch.tensor(rows) for name, rows in sorted(out.items())}
+
+    def score(self, rollouts: Rollouts, names_B: list[str] | None = None) -> torch.Tensor:
+        return self.score_topk(rollouts, names_B, 0)[0]
+
+    def score_topk(self, rollouts: Rollouts, names_B: list[str] | None, k: int):
+        """Each row scored by its teacher; names_B None sends every row to the default one."""
+        groups = self.groups(names_B or [DEFAULT] * rollouts.num_rows)
+        if len(groups) == 1:
+            (name,) = groups
+            return self._call(self.teachers[name], rollouts, k)
+        B, T = rollouts.tokens_BT.shape
+        device = rollouts.tokens_BT.device
+        lp_BT = torch.zeros(B, T, device=device)
+        ids_BTK = torch.full((B, T, k + 1), -1, dtype=torch.long, device=device) if k else None
+        lpk_BTK = torch.full((B, T, k + 1), -torch.inf, device=device) if k else None
+        for name, rows in groups.items():
+            lp, ids, lpk = self._call(self.teachers[name], rollouts.select(rows), k)
+            rows = rows.to(device)
+            lp_BT[rows] = lp.to(device)
+            if k:
+                ids_BTK[rows] = ids.to(device)
+                lpk_BTK[rows] = lpk.to(device)
+        return lp_BT, ids_BTK, lpk_BTK
+
+    @staticmethod
+    def _call(teacher, rollouts, k):
+        if k:
+            return teacher.score_topk(rollouts, k)
+        return teacher.score(rollouts), None, None
+
+    def close(self) -> None:
+        for t in self.teachers.values():
+            if hasattr(t, "close"):
+                t.close()

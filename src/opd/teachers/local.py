@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.scoring import completion_logprobs
+from opd.scoring import completion_logprobs, completion_topk
 from opd.types import Rollouts
 
 
@@ -15,23 +15,33 @@ class LocalTeacher:
         self.micro_batch_size = micro_batch_size
 
     def score(self, rollouts: Rollouts) -> torch.Tensor:
-        with torch.inference_mode():
-            lp_BT = self._score(rollouts)
-        return lp_BT.clone()  # a plain tensor: it enters the loss as a constant
+        return self.score_topk(rollouts, 0)[0]
 
-    def _score(self, rollouts: Rollouts) -> torch.Tensor:
+    def score_topk(self, rollouts: Rollouts, k: int):
+        """Sampled-token log-probs (B, T), and for k > 0 the top-k (+ the sampled token when
+        outside them) as (B, T, k + 1) ids and log-probs, padded with -1 / -inf."""
         device = next(self.model.parameters()).device
         step = self.micro_batch_size or rollouts.num_rows
-        parts = []
-        for start in range(0, rollouts.num_rows, step):
-            mb = rollouts.slice(start, start + step)
-            lp_BT = completion_logprobs(
-                self.model,
-                mb.tokens_BT.to(device),
-                mb.attention_mask_BT.to(device),
-                rollouts.prompt_len,
-                self.vocab_size,
-            )
-            parts.append(lp_BT.float())
-        lp_BT = torch.cat(parts)
-        return torch.where(rollouts.completion_mask_BT.to(lp_BT.device), lp_BT, 0.0)
+        lps, ids, lpks = [], [], []
+        with torch.inference_mode():
+            for start in range(0, rollouts.num_rows, step):
+                mb = rollouts.slice(start, start + step)
+                args = (
+                    self.model,
+                    mb.tokens_BT.to(device),
+                    mb.attention_mask_BT.to(device),
+                    rollouts.prompt_len,
+                    self.vocab_size,
+                )
+                if k:
+                    lp_BT, ids_BTK, lp_BTK = completion_topk(*args, k)
+                    ids.append(ids_BTK)
+                    lpks.append(lp_BTK)
+                else:
+                    lp_BT = completion_logprobs(*args)
+                lps.append(lp_BT.float())
+        mask_BT = rollouts.completion_mask_BT.to(device)
+        lp_BT = torch.where(mask_BT, torch.cat(lps), 0.0).clone()  # a plain tensor: a constant
+        if not k:
+            return lp_BT, None, None
+        return lp_BT, torch.cat(ids).clone(), torch.cat(lpks).clone()

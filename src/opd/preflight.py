@@ -1,0 +1,215 @@
+"""Preflight: is this teacher usable for this student? Run by `opd check` and before step 1.
+
+Checks, each reported as ok / FAIL / skipped with the numbers:
+- tokenizers: the same vocabulary and special tokens (local teachers; a server cannot show it);
+- chat templates: equal, when the prompts use messages;
+- embeddings: both output layers cover the tokenizer (padded rows beyond it are fine);
+- teacher self-KL: the teacher's own samples, scored by the same teacher backend, give
+  mean |logp_sampler - logp_teacher| ~ 0. This catches off-by-one alignment, a BOS the server
+  adds or drops, and a scorer that applies a temperature. A served teacher is asked to sample
+  (vLLM can; `opd serve-teacher` cannot, so it is skipped there);
+- start KL: the student's samples scored by each teacher, the reverse KL the run starts from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.errors import OpdError
+from opd.samplers import make_sampler
+from opd.teachers import TeacherRouter
+from opd.teachers.served import ServedTeacher, _Retryable
+
+SELF_KL_LIMIT = {"float32": 1e-3, "bfloat16": 5e-2}
+
+
+def self_kl_local(model, tokenizer, vocab_size: int, prompts, max_new_tokens: int) -> float:
+    """Mean |sampler - scorer| log-prob of the teacher's own temperature-1 samples."""
+    from opd.teachers.local import LocalTeacher
+
+    sampler = make_sampler(model, tokenizer, vocab_size, max_new_tokens)
+    batch = sampler.sample(prompts, 2, torch.Generator(device=model.device).manual_seed(0))
+    scored = LocalTeacher(model, vocab_size).score(batch)
+    mask = batch.completion_mask_BT
+    return float((batch.sampler_lp_BT - scored)[mask].abs().mean())
+
+
+def self_kl_served(teacher: ServedTeacher, prompts, max_new_tokens: int) -> float | None:
+    """The same check through the server: None when the server does not sample."""
+    payload = {
+        "model": teacher.model,
+        "prompt": [p.ids for p in prompts],
+        "max_tokens": max_new_tokens,
+        "temperature": 1.0,
+        "logprobs": 0,
+        "return_token_ids": True,
+        "seed": 0,
+    }
+    try:
+        response = teacher.client.post(f"{teacher.url}/completions", json=payload)
+    except Exception:
+        return None
+    if response.status_code != 200:
+        return None
+    try:
+        choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+        samples = [(c["token_ids"], c["logprobs"]["token_logprobs"]) for c in choices]
+    except (KeyError, TypeError, ValueError):
+        return None
+    rows = [p.ids + list(ids) for p, (ids, _) in zip(prompts, samples, strict=True)]
+    keep = [i for i, (ids, _) in enumerate(samples) if ids]
+    try:
+        scored = teacher._request([rows[i] for i in keep], 0)
+    except _Retryable:
+        return None
+    diffs = []
+    for i, (lps, _) in zip(keep, scored, strict=True):
+        n_prompt = len(prompts[i].ids)
+        diffs += [abs(a - b) for a, b in zip(samples[i][1], lps[n_prompt:], strict=True)]
+    return sum(diffs) / max(len(diffs), 1)
+
+
+def start_kl(student_sampler, router: TeacherRouter, prompts, names: list[str]) -> dict[str, float]:
+    """Per teacher: reverse KL per token of the student's samples (what step 1 starts from)."""
+    batch = student_sampler.sample(prompts, 2, torch.Generator().manual_seed(0))
+    names_B = router.names(batch, names)
+    teacher_lp = router.score(batch, names_B)
+    kl_B = ((batch.sampler_lp_BT - teacher_lp) * batch.completion_mask_BT).sum(-1)
+    tokens_B = batch.completion_mask_BT.sum(-1)
+    out = {}
+    for name, rows in router.groups(names_B).items():
+        out[name] = float(kl_B[rows].sum() / tokens_B[rows].sum().clamp(min=1))
+    return out
+
+
+def run_preflight(parts, n_prompts: int = 4) -> list[tuple[str, str, str]]:
+    """(check, ok | FAIL | skipped, detail) rows for a set-up run; used before step 1."""
+    cfg = parts.cfg
+    prompts = parts.prompts[:n_prompts]
+    names = [p.row.get("teacher", "default") for p in prompts]
+    max_new = min(cfg.sampling.max_new_tokens, 32)
+    rows = []
+    for name, teacher in parts.teacher.teachers.items():
+        label = f"teacher self-KL [{name}]"
+        if isinstance(teacher, ServedTeacher):
+            value = self_kl_served(teacher, prompts, max_new)
+            if value is None:
+                rows.append((label, "skipped", "the server does not sample with log-probs"))
+                continue
+            limit = SELF_KL_LIMIT["bfloat16"]  # servers often run reduced precision
+        else:
+            value = self_kl_local(
+                teacher.model, parts.tokenizer, parts.vocab_size, prompts, max_new
+            )
+            limit = SELF_KL_LIMIT[cfg.model.teacher_dtype]
+        status = "ok" if value <= limit else "FAIL"
+        rows.append(
+            (label, status, f"mean |logp_sampler - logp_teacher| = {value:.2e} (limit {limit:g})")
+        )
+    student_sampler = make_sampler(parts.student, parts.tokenizer, parts.vocab_size, max_new)
+    for name, kl in start_kl(student_sampler, parts.teacher, prompts, names).items():
+        rows.append(
+            (f"start KL [{name}]", "ok", f"student -> teacher reverse KL {kl:.4f} per token")
+        )
+    return rows
+
+
+def format_report(rows: list[tuple[str, str, str]]) -> str:
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {name:<{width}}  {status:<7}  {detail}" for name, status, detail in rows)
+
+
+def check_before_run(parts) -> None:
+    """Preflight at the start of a run: print the report; stop on a failed check."""
+    rows = run_preflight(parts)
+    print("preflight (run.preflight=false skips it):\n" + format_report(rows), flush=True)
+    failed = [r for r in rows if r[1] == "FAIL"]
+    if failed:
+        raise OpdError(
+            f"preflight failed: {failed[0][0]}: {failed[0][2]}; the teacher backend does not score "
+            "what it samples (alignment, BOS or temperature); see `opd check`"
+        )
+
+
+def check_command(student: str, teacher: str, prompts: str | None, overrides: list[str]) -> int:
+    """`opd check`: every check, a readable report, exit 1 on any failure."""
+    import tempfile
+    from pathlib import Path
+
+    from opd.config import build_config
+    from opd.distributed import DistContext
+    from opd.loop import setup_run
+    from opd.models import load_model, load_tokenizer, output_vocab
+    from opd.teachers import is_url
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if not prompts:
+            prompts = str(Path(tmp) / "prompts.jsonl")
+            Path(prompts).write_text(
+                '{"prompt": "Hello"}\n{"prompt": "1 + 1 ="}\n{"prompt": "a"}\n'
+            )
+        s_tok = load_tokenizer(student, "--student")
+        s_model = load_model(student, what="--student")
+        if not is_url(teacher):
+            t_tok = load_tokenizer(teacher, "--teacher")
+            t_model = load_model(teacher, what="--teacher")
+            rows += _static_checks(s_tok, t_tok, s_model, t_model, prompts, output_vocab)
+        else:
+            rows.append(("tokenizers", "skipped", "a served teacher's tokenizer is not visible"))
+        if any(r[1] == "FAIL" for r in rows):
+            print("opd check:\n" + format_report(rows))
+            return 1
+        flags = {
+            "model.student": student,
+            "model.teacher": teacher,
+            "data.prompts": prompts,
+            "run.out": str(Path(tmp) / "run"),
+            "data.overlong": "skip",
+        }
+        cfg = build_config(None, flags, overrides)
+        parts = setup_run(cfg, DistContext())
+        try:
+            rows += run_preflight(parts)
+        finally:
+            parts.teacher.close()
+    print("opd check:\n" + format_report(rows))
+    return 1 if any(r[1] == "FAIL" for r in rows) else 0
+
+
+def _static_checks(s_tok, t_tok, s_model, t_model, prompts, output_vocab):
+    from opd.data import read_jsonl
+    from opd.models import check_compatible
+
+    rows = []
+    try:
+        check_compatible(s_tok, t_tok, s_model, t_model)
+        rows.append(("tokenizers", "ok", f"{len(s_tok)} tokens, same ids and special tokens"))
+    except OpdError as e:
+        rows.append(("tokenizers", "FAIL", str(e)))
+    if any("messages" in row for _, row in read_jsonl(prompts)):
+        same = getattr(s_tok, "chat_template", None) == getattr(t_tok, "chat_template", None)
+        rows.append(
+            (
+                "chat templates",
+                "ok" if same else "FAIL",
+                "equal" if same else "differ: prompts with messages render differently",
+            )
+        )
+    else:
+        rows.append(("chat templates", "skipped", "the prompts use no messages"))
+    sv, tv, n = output_vocab(s_model), output_vocab(t_model), len(s_tok)
+    ok = sv >= n and tv >= n
+    rows.append(
+        (
+            "embeddings",
+            "ok" if ok else "FAIL",
+            f"tokenizer {n}, student rows {sv}, teacher rows {tv}"
+            + (
+                " (rows beyond the tokenizer are padding, cut from every softmax)"
+                if ok and max(sv, tv) > n
+                else ""
+            ),
+        )
+    )
+    return rows

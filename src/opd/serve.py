@@ -1,0 +1,289 @@
+"""`opd serve-teacher`: a teacher model behind vLLM's prompt-log-prob API, for any trainer.
+
+The subset served (enough for `opd distill --teacher http://HOST:PORT/v1` and for other
+projects that score with vLLM):
+- POST /v1/completions with `prompt` = token ids (one list, or a list of lists), `max_tokens`
+  0 or 1 and `prompt_logprobs` = k: each choice's `prompt_logprobs` is `null` for the first
+  token, then {"<id>": {"logprob", "rank", "decoded_token"}} with the actual token and the top-k;
+- GET /v1/models and GET /health.
+Requests that arrive together are scored in one forward pass. Loopback only unless --host says
+otherwise; an optional bearer key; limits on rows, length and k answer 4xx with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from opd.models import load_model, load_tokenizer
+
+LOGITS_BUDGET = 2**25  # floats of (rows x tokens x vocab) logits held at once
+
+
+@dataclass
+class _Job:
+    rows: list[list[int]]
+    k: int
+    future: asyncio.Future
+
+
+class TeacherScorer:
+    """Scores token-id sequences with a local model (one forward per batch of rows)."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.vocab = len(tokenizer)
+        self.max_len = getattr(model.config, "max_position_embeddings", None) or 2**31
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def score(self, rows: list[list[int]], ks: list[int]) -> list[tuple[list, int]]:
+        """Per row: (prompt_logprobs entries, argmax next token)."""
+        out = []
+        longest = max(len(r) for r in rows)
+        step = max(1, LOGITS_BUDGET // max(longest * self.vocab, 1))
+        for start in range(0, len(rows), step):
+            part = rows[start : start + step]
+            out += self._score_part(part, ks[start : start + step])
+        return out
+
+    def _score_part(self, rows, ks):
+        T = max(len(r) for r in rows)
+        ids_BT = torch.zeros(len(rows), T, dtype=torch.long)
+        mask_BT = torch.zeros(len(rows), T, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids_BT[b, : len(r)] = torch.tensor(r)
+            mask_BT[b, : len(r)] = 1
+        pos_BT = torch.arange(T).expand(len(rows), T)
+        logits_BTV = self.model(
+            input_ids=ids_BT.to(self.device),
+            attention_mask=mask_BT.to(self.device),
+            position_ids=pos_BT.to(self.device),
+            use_cache=False,
+        ).logits
+        results = []
+        for b, (r, k) in enumerate(zip(rows, ks, strict=True)):
+            lp_TV = torch.log_softmax(logits_BTV[b, : len(r), : self.vocab].float(), dim=-1)
+            results.append((self._entries(lp_TV, r, k), int(lp_TV[-1].argmax())))
+        return results
+
+    def _entries(self, lp_TV: torch.Tensor, ids: list[int], k: int) -> list:
+        n = len(ids)
+        target = torch.tensor(ids[1:], device=lp_TV.device)
+        lp_prev = lp_TV[:-1]  # position j-1 predicts token j
+        actual = lp_prev.gather(-1, target[:, None]).squeeze(-1)
+        rank = (lp_prev > actual[:, None]).sum(-1) + 1
+        if k:
+            top_lp, top_id = lp_prev.topk(k, dim=-1)
+            top_lp, top_id = top_lp.tolist(), top_id.tolist()
+        actual, rank = actual.tolist(), rank.tolist()
+        entries = [None]
+        for j in range(1, n):
+            entry = {str(ids[j]): self._item(actual[j - 1], rank[j - 1], ids[j])}
+            if k:
+                for r, (tid, lp) in enumerate(
+                    zip(top_id[j - 1], top_lp[j - 1], strict=True), start=1
+                ):
+                    entry.setdefault(str(tid), self._item(lp, r, tid))
+            entries.append(entry)
+        return entries
+
+    def _item(self, lp: float, rank: int, tid: int) -> dict:
+        return {"logprob": lp, "rank": rank, "decoded_token": self.tokenizer.decode([tid])}
+
+
+def create_app(
+    scorer: TeacherScorer,
+    name: str = "teacher",
+    api_key: str = "",
+    max_logprobs: int = 20,
+    max_rows: int = 256,
+    max_batch_rows: int = 256,
+):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    queue: asyncio.Queue[_Job] = asyncio.Queue()
+    executor = ThreadPoolExecutor(1, thread_name_prefix="opd-score")  # one forward at a time
+
+    def error(code: int, message: str, kind: str = "BadRequestError"):
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        return JSONResponse(body, status_code=code)
+
+    async def batcher():
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await queue.get()]
+            n = len(jobs[0].rows)
+            while not queue.empty() and n < max_batch_rows:
+                jobs.append(queue.get_nowait())
+                n += len(jobs[-1].rows)
+            rows = [r for j in jobs for r in j.rows]
+            ks = [j.k for j in jobs for _ in j.rows]
+            try:
+                scored = await loop.run_in_executor(executor, scorer.score, rows, ks)
+            except Exception as e:  # a bug or out of memory: every waiting request hears of it
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            at = 0
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_result(scored[at : at + len(j.rows)])
+                at += len(j.rows)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="opd teacher", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path != "/health":
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer ...)",
+                    "AuthenticationError",
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {
+            "id": name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "opd",
+            "max_model_len": scorer.max_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return error(400, "the request body is not JSON")
+        if not isinstance(body, dict):
+            return error(400, "the request body must be a JSON object")
+        problem = _check_request(body, name, scorer, max_logprobs, max_rows)
+        if problem:
+            code, message = problem
+            return error(code, message, "NotFoundError" if code == 404 else "BadRequestError")
+        prompt = body["prompt"]
+        rows = [prompt] if prompt and isinstance(prompt[0], int) else prompt
+        k = int(body["prompt_logprobs"])
+        future = asyncio.get_running_loop().create_future()
+        await queue.put(_Job(rows, k, future))
+        scored = await future
+        want_token = body.get("max_tokens", 1) != 0
+        choices = [
+            {
+                "index": i,
+                "text": scorer.tokenizer.decode([nxt]) if want_token else "",
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+                "prompt_logprobs": entries,
+            }
+            for i, (entries, nxt) in enumerate(scored)
+        ]
+        n_prompt = sum(len(r) for r in rows)
+        n_new = len(rows) if want_token else 0
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": n_prompt,
+                "completion_tokens": n_new,
+                "total_tokens": n_prompt + n_new,
+            },
+        }
+
+    return app
+
+
+def _check_request(body, name, scorer: TeacherScorer, max_logprobs, max_rows):
+    """(status, reason) for a request this server cannot answer, else None."""
+    if body.get("model", name) != name:
+        return 404, f"The model `{body.get('model')}` does not exist (this server has `{name}`)."
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and prompt and isinstance(prompt[0], str)
+    ):
+        return (
+            400,
+            "prompt must be token ids (a list of ints, or a list of lists): text is not tokenised here",
+        )
+    if not isinstance(prompt, list) or not prompt:
+        return 400, "prompt must be a non-empty list of token ids, or a list of such lists"
+    rows = [prompt] if isinstance(prompt[0], int) else prompt
+    if len(rows) > max_rows:
+        return 400, f"{len(rows)} sequences in one request; this server takes at most {max_rows}"
+    for i, r in enumerate(rows):
+        if not isinstance(r, list) or not r:
+            return 400, f"prompt[{i}] must be a non-empty list of token ids"
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in r):
+            return 400, f"prompt[{i}] holds a value that is not an integer token id"
+        if len(r) > scorer.max_len:
+            return 400, f"prompt[{i}] has {len(r)} tokens; the model's context is {scorer.max_len}"
+        bad = [t for t in r if not 0 <= t < scorer.vocab]
+        if bad:
+            return (
+                400,
+                f"prompt[{i}] holds token id {bad[0]} outside the vocabulary [0, {scorer.vocab})",
+            )
+    k = body.get("prompt_logprobs")
+    if k is None:
+        return (
+            400,
+            "this server only scores prompts: set prompt_logprobs (0 = the actual tokens only)",
+        )
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        return 400, f"prompt_logprobs={k!r}: must be an integer >= 0"
+    if k > max_logprobs:
+        return 400, f"prompt_logprobs={k} exceeds this server's --max-logprobs={max_logprobs}"
+    if body.get("max_tokens", 1) not in (0, 1):
+        return 400, f"max_tokens={body.get('max_tokens')!r}: this server scores prompts; use 0 or 1"
+    if body.get("stream"):
+        return 400, "stream is not supported"
+    return None
+
+
+def serve(
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str = "teacher",
+    api_key: str = "",
+    max_logprobs: int = 20,
+    max_rows: int = 256,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> None:
+    import uvicorn
+
+    tokenizer = load_tokenizer(model_dir, "serve-teacher")
+    model = load_model(model_dir, dtype, device, "serve-teacher")
+    app = create_app(TeacherScorer(model, tokenizer), name, api_key, max_logprobs, max_rows)
+    print(f"serving {model_dir} as {name!r} on http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,273 @@
+"""A teacher behind an HTTP server: vLLM, SGLang or `opd serve-teacher`, scoring token ids.
+
+Nothing is re-tokenised: each row's token ids (prompt + sampled completion, padding removed) are
+sent as they are, and the server returns log p(x_j | x_<j) for every position j >= 1.
+
+Two wire formats:
+- "vllm" (also `opd serve-teacher`): POST {url}/completions with `prompt` = a list of token-id
+  lists, `max_tokens: 1`, `prompt_logprobs: k`. Each choice's `prompt_logprobs` is a list with
+  `null` first, then one {"<token id>": {"logprob": ..., "rank": ...}, ...} per position holding
+  the actual token plus the top-k.
+- "sglang": POST {root}/generate with `input_ids`, `return_logprob`, `logprob_start_len: 0`,
+  `top_logprobs_num: k`. Each result's `meta_info.input_token_logprobs` is a list of
+  [logprob, token_id, text] with a null logprob first; `input_top_logprobs` has the top-k.
+
+Requests go out `concurrency` at a time, `batch_rows` rows each. A 5xx, a timeout, a dropped
+connection or a malformed response is retried with exponential backoff; after `retries` retries
+(or at once, for a 4xx that no retry can fix) the step fails with one line that says why.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import torch
+
+from opd.errors import OpdError
+from opd.types import Rollouts
+
+
+class _Retryable(Exception):
+    pass
+
+
+class ServedTeacher:
+    def __init__(
+        self,
+        url: str,
+        model: str = "",
+        api_key: str = "",
+        api: str = "vllm",
+        timeout: float = 60.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        concurrency: int = 4,
+        batch_rows: int = 16,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.url = url.rstrip("/")
+        self.api = api
+        self.retries = retries
+        self.backoff = backoff
+        self.concurrency = concurrency
+        self.batch_rows = batch_rows
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(
+            timeout=timeout,
+            headers=headers,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max(concurrency, 1)),
+        )
+        self.pool = ThreadPoolExecutor(max(concurrency, 1), thread_name_prefix="opd-teacher")
+        self.model = model or (self._discover_model() if api == "vllm" else "")
+
+    # -- the Teacher protocol -------------------------------------------------------------
+
+    def score(self, rollouts: Rollouts) -> torch.Tensor:
+        """(B, T) log-probs of the sampled tokens (0 outside completions)."""
+        return self.score_topk(rollouts, 0)[0]
+
+    def score_topk(self, rollouts: Rollouts, k: int):
+        """Sampled-token log-probs, plus the teacher's top-k ids and log-probs when k > 0.
+
+        Returns (lp_BT, ids_BTK, lp_BTK); the last two are None for k = 0. Each position holds
+        the top-k entries and the sampled token when it is outside them (K = k + 1), padded
+        with id -1 and log-prob -inf.
+        """
+        rows = row_tokens(rollouts)
+        chunks = [
+            list(range(s, min(s + self.batch_rows, len(rows))))
+            for s in range(0, len(rows), self.batch_rows)
+        ]
+        results = list(self.pool.map(lambda idx: self._request([rows[i] for i in idx], k), chunks))
+        per_row = [r for part in results for r in part]
+        B, T = rollouts.tokens_BT.shape
+        lp_BT = torch.zeros(B, T)
+        ids_BTK = torch.full((B, T, k + 1), -1, dtype=torch.long) if k else None
+        lpk_BTK = torch.full((B, T, k + 1), -math.inf) if k else None
+        mask_BT = rollouts.completion_mask_BT.cpu()
+        first_B = first_real_column(rollouts.attention_mask_BT).tolist()
+        for b, (lps, tops) in enumerate(per_row):
+            cols = mask_BT[b].nonzero().flatten().tolist()
+            for c in cols:
+                j = c - first_B[b]  # index of this token in the row sent to the server
+                lp_BT[b, c] = lps[j]
+                if k:
+                    entries = tops[j][: k + 1]
+                    ids_BTK[b, c, : len(entries)] = torch.tensor([e[0] for e in entries])
+                    lpk_BTK[b, c, : len(entries)] = torch.tensor([e[1] for e in entries])
+        device = rollouts.tokens_BT.device
+        if k:
+            return lp_BT.to(device), ids_BTK.to(device), lpk_BTK.to(device)
+        return lp_BT.to(device), None, None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def _discover_model(self) -> str:
+        """The served model's name, when the server serves exactly one."""
+        body = self._call("GET", f"{self.url}/models", None, "listing models")
+        try:
+            names = [m["id"] for m in body["data"]]
+        except (KeyError, TypeError):
+            raise OpdError(f"teacher {self.url}: /models did not return a model list") from None
+        if len(names) != 1:
+            raise OpdError(
+                f"teacher {self.url} serves {len(names)} models ({', '.join(names)}); "
+                "name one with model.teacher_model"
+            )
+        return names[0]
+
+    def _request(self, rows: list[list[int]], k: int):
+        if self.api == "sglang":
+            root = self.url.removesuffix("/v1")
+            payload = {
+                "input_ids": rows,
+                "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
+                "return_logprob": True,
+                "logprob_start_len": 0,
+                "top_logprobs_num": k,
+            }
+            return self._call("POST", f"{root}/generate", payload, "scoring", rows, k)
+        payload = {
+            "model": self.model,
+            "prompt": rows,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": k,
+        }
+        return self._call("POST", f"{self.url}/completions", payload, "scoring", rows, k)
+
+    def _call(self, method, url, payload, what, rows=None, k=0):
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                response = self.client.request(method, url, json=payload)
+            except httpx.TimeoutException:
+                last = f"no answer within {self.client.timeout.read} s (remote.timeout)"
+                continue
+            except httpx.TransportError as e:
+                last = f"connection failed ({type(e).__name__}: {e})"
+                continue
+            if response.status_code >= 500 or response.status_code in (408, 429):
+                last = f"HTTP {response.status_code}: {_detail(response)}"
+                continue
+            if response.status_code >= 400:
+                raise OpdError(_client_error(self.url, response, k))
+            try:
+                body = response.json()
+                return body if rows is None else self._parse(body, rows, k)
+            except (ValueError, _Retryable) as e:
+                last = f"malformed response ({e})"
+                continue
+        raise OpdError(f"teacher {self.url}: {what} failed {self.retries + 1} times; last: {last}")
+
+    def _parse(self, body, rows, k):
+        """Per row: (log-prob of token j for every j, top entries per j), or _Retryable."""
+        if self.api == "sglang":
+            items = body if isinstance(body, list) else [body]
+            if len(items) != len(rows):
+                raise _Retryable(f"{len(items)} results for {len(rows)} sequences")
+            return [_parse_sglang(item, ids, k) for item, ids in zip(items, rows, strict=True)]
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or len(choices) != len(rows):
+            got = len(choices) if isinstance(choices, list) else "no"
+            raise _Retryable(f"{got} choices for {len(rows)} sequences")
+        by_index = {c.get("index", i): c for i, c in enumerate(choices)}
+        if sorted(by_index) != list(range(len(rows))):
+            raise _Retryable("choice indices do not match the prompts")
+        return [
+            _parse_vllm(by_index[i].get("prompt_logprobs"), ids, k) for i, ids in enumerate(rows)
+        ]
+
+
+def _parse_vllm(entries, ids, k):
+    if not isinstance(entries, list) or len(entries) != len(ids):
+        n = len(entries) if isinstance(entries, list) else "no"
+        raise _Retryable(f"{n} prompt log-probs for {len(ids)} tokens")
+    lps, tops = [0.0], [[]]
+    for j in range(1, len(ids)):
+        entry = entries[j]
+        if not isinstance(entry, dict) or str(ids[j]) not in entry:
+            raise _Retryable(f"position {j} lacks the log-prob of token {ids[j]}")
+        lps.append(_logprob(entry[str(ids[j])]))
+        if k:
+            ranked = sorted(((int(t), _logprob(v)) for t, v in entry.items()), key=lambda e: -e[1])
+            tops.append(ranked)
+    return lps, tops
+
+
+def _parse_sglang(item, ids, k):
+    meta = item.get("meta_info") if isinstance(item, dict) else None
+    entries = meta.get("input_token_logprobs") if isinstance(meta, dict) else None
+    if not isinstance(entries, list) or len(entries) != len(ids):
+        n = len(entries) if isinstance(entries, list) else "no"
+        raise _Retryable(f"{n} input log-probs for {len(ids)} tokens")
+    lps, tops = [0.0], [[]]
+    top_all = meta.get("input_top_logprobs") if k else None
+    for j in range(1, len(ids)):
+        lp, tid = entries[j][0], entries[j][1]
+        if tid != ids[j]:
+            raise _Retryable(f"position {j} scored token {tid}, not {ids[j]}")
+        lps.append(_logprob(lp))
+        if k:
+            top = top_all[j] if isinstance(top_all, list) and len(top_all) > j else None
+            if not isinstance(top, list):
+                raise _Retryable(f"position {j} lacks top log-probs")
+            entries_j = {int(e[1]): _logprob(e[0]) for e in top}
+            entries_j.setdefault(ids[j], lps[-1])
+            tops.append(sorted(entries_j.items(), key=lambda e: -e[1]))
+    return lps, tops
+
+
+def _logprob(value) -> float:
+    lp = value.get("logprob") if isinstance(value, dict) else value
+    if not isinstance(lp, (int, float)) or isinstance(lp, bool) or math.isnan(lp) or lp > 1e-4:
+        raise _Retryable(f"log-prob {lp!r} is not a number <= 0")
+    return float(lp)
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip().splitlines()[0][:200] if response.text.strip() else ""
+    if isinstance(body, dict):
+        err = body.get("error", body.get("detail", body.get("message", body)))
+        if isinstance(err, dict):
+            err = err.get("message", err)
+        return str(err).splitlines()[0][:300]
+    return str(body)[:300]
+
+
+def _client_error(url: str, response: httpx.Response, k: int) -> str:
+    code, detail = response.status_code, _detail(response)
+    hint = ""
+    if code in (401, 403):
+        hint = " (check model.teacher_api_key)"
+    elif code == 404:
+        hint = " (the URL should be the server's OpenAI base, e.g. http://host:8000/v1)"
+    elif "logprob" in detail.lower() and k:
+        hint = f" (objective.topk={k}: the server may cap it; vLLM: raise --max-logprobs)"
+    elif "logprob" in detail.lower():
+        hint = " (the server cannot return prompt log-probs)"
+    return f"teacher {url}: HTTP {code}: {detail}{hint}"
+
+
+def first_real_column(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """(B,) the column of each row's first real token (left padding skipped)."""
+    return (attention_mask_BT.cpu() == 0).long().cumprod(-1).sum(-1)
+
+
+def row_tokens(rollouts: Rollouts) -> list[list[int]]:
+    """Each row's real token ids: prompt and completion, without left or right padding."""
+    tokens, attn = rollouts.tokens_BT.cpu(), rollouts.attention_mask_BT.cpu().bool()
+    return [tokens[b][attn[b]].tolist() for b in range(tokens.shape[0])]

@@ -1,0 +1,187 @@
+"""A real vLLM server (CPU build, its own venv from scripts/vllm_venv.sh) scores prompts exactly
+as the in-process float32 forward pass does.
+
+Select with `-m vllm`. Skipped (loudly) only when no installed venv is found at $OPD_VLLM_VENV
+(default ~/.cache/opd/vllm-venv); with OPD_REQUIRE_VLLM=1 a missing venv fails instead.
+
+The teacher has 2 heads of size 32: vLLM's CPU attention supports head sizes 32, 64, 80, ...
+only. A head size of 16 (hidden 64 with 4 heads, the conftest teacher) serves and answers
+/health, then dies on the first request with "Unsupported CPU attention configuration".
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from opd import tiny
+
+from .conftest import words
+from .vllm_server import SERVED_NAME, post_json, serve_vllm, venv_problem, vllm_venv
+
+pytestmark = pytest.mark.vllm
+
+ATOL = 1e-4
+MAX_LOGPROBS = 20
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """(tokenizer, in-process model loaded from the served folder, base URL of the server)."""
+    problem = venv_problem()
+    if problem:
+        hint = "set OPD_VLLM_VENV to a venv made by scripts/vllm_venv.sh"
+        if os.environ.get("OPD_REQUIRE_VLLM") == "1":
+            pytest.fail(f"VLLM TESTS FAILED (OPD_REQUIRE_VLLM=1): {problem} [{hint}]")
+        pytest.skip(f"VLLM TESTS SKIPPED: {problem} [{hint}]")
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny.char_tokenizer()
+    model = tiny.tiny_model(tok, hidden=64, layers=2, heads=2, kv_heads=2, seed=0)
+    tiny.fit(model, tok, [(w + "=", w[::-1]) for w in words(200)], steps=30, lr=3e-3)
+    path = tiny.save(model, tok, tmp_path_factory.mktemp("vllm") / "teacher")
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    log_path = path.parent / "vllm-serve.log"
+    with serve_vllm(path, max_logprobs=MAX_LOGPROBS, log_path=log_path) as url:
+        print(
+            f"vllm: venv {vllm_venv()}, server up in {serve_vllm.last_startup_s:.1f} s, "
+            f"log {log_path}"
+        )
+        yield tok, ref, url
+
+
+def score(url: str, ids_N: list[list[int]], k: int) -> list[list]:
+    """prompt_logprobs of each sequence, in the order sent."""
+    status, body = post_json(
+        url + "/completions",
+        {"model": SERVED_NAME, "prompt": ids_N, "max_tokens": 1, "prompt_logprobs": k},
+    )
+    assert status == 200, body
+    choices = body["choices"]
+    assert [c["index"] for c in choices] == list(range(len(ids_N)))
+    return [c["prompt_logprobs"] for c in choices]
+
+
+@torch.no_grad()
+def reference_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """[T-1, V] log-softmax of the logits at positions 0..T-2 (which score tokens 1..T-1)."""
+    logits = model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)[:-1]
+
+
+def sequences(tok) -> list[list[int]]:
+    """Prompts and full prompt+answer+EOS rows of different lengths, BOS first (the tokenizer
+    adds it; the server does not)."""
+    ws = words(6, seed=7)
+    out = [tok(w + "=")["input_ids"] for w in ws[:3]]
+    out += [tok(w + "=" + w[::-1])["input_ids"] + [tok.eos_token_id] for w in ws[3:]]
+    out.append([tok.bos_token_id, tok.convert_tokens_to_ids("a")])  # shortest: one scored token
+    assert all(s[0] == tok.bos_token_id == 1 for s in out)
+    assert len({len(s) for s in out}) > 3
+    return out
+
+
+def test_prompt_logprobs_match_in_process(teacher):
+    tok, ref, url = teacher
+    ids_N = sequences(tok)
+    got_N = score(url, ids_N, k=0)
+    for ids, got in zip(ids_N, got_N, strict=True):
+        assert len(got) == len(ids)
+        assert got[0] is None  # nothing scores the first token
+        lp_TV = reference_logprobs(ref, ids)
+        want = lp_TV.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        for t in range(1, len(ids)):
+            entry = got[t]
+            assert list(entry) == [str(ids[t])], entry  # k=0: the actual token only
+            assert set(entry[str(ids[t])]) == {"logprob", "rank", "decoded_token"}
+        have = torch.tensor([got[t][str(ids[t])]["logprob"] for t in range(1, len(ids))])
+        torch.testing.assert_close(have, want, atol=ATOL, rtol=0)
+
+
+def test_prompt_logprobs_top_k(teacher):
+    tok, ref, url = teacher
+    k = 5
+    ids_N = sequences(tok)
+    got_N = score(url, ids_N, k=k)
+    for ids, got in zip(ids_N, got_N, strict=True):
+        assert got[0] is None
+        lp_TV = reference_logprobs(ref, ids)
+        for t in range(1, len(ids)):
+            entry = {int(i): v for i, v in got[t].items()}
+            row = lp_TV[t - 1]
+            actual = ids[t]
+            assert actual in entry
+            # the top-k, plus the actual token when it is not among them
+            top = {i: v for i, v in entry.items() if v["rank"] <= k}
+            assert len(top) == k and len(entry) == k + (actual not in top), entry
+            assert sorted(v["rank"] for v in top.values()) == list(range(1, k + 1))
+            want_vals, want_ids = row.topk(k)
+            have_vals = torch.tensor(sorted((v["logprob"] for v in top.values()), reverse=True))
+            torch.testing.assert_close(have_vals, want_vals, atol=ATOL, rtol=0)
+            for i, v in entry.items():  # every returned id's value is that id's log-prob
+                assert abs(v["logprob"] - row[i].item()) <= ATOL, (t, i, v)
+            # rank: 1 + how many tokens have a higher log-prob
+            assert entry[actual]["rank"] == 1 + int((row > row[actual] + ATOL).sum()), entry
+
+
+def test_prompt_logprobs_above_max_is_400(teacher):
+    tok, _, url = teacher
+    status, body = post_json(
+        url + "/completions",
+        {
+            "model": SERVED_NAME,
+            "prompt": [tok("ab=")["input_ids"]],
+            "max_tokens": 1,
+            "prompt_logprobs": MAX_LOGPROBS + 1,
+        },
+    )
+    assert status == 400, body
+    # {"error": {"message": ..., "type": "BadRequestError", "param": "prompt_logprobs", "code": 400}}
+    err = body["error"]
+    assert err["code"] == 400 and err["param"] == "prompt_logprobs", body
+    assert str(MAX_LOGPROBS) in err["message"], body
+
+
+def test_scoring_throughput(teacher, capsys):
+    """Measured, not asserted: 64 sequences x 41 tokens, one batched request vs 8 x 8 concurrent."""
+    tok, ref, url = teacher
+    g = torch.Generator().manual_seed(0)
+    n, length = 64, 41
+    body = torch.randint(4, len(tok), (n, length - 1), generator=g)
+    ids_N = [[tok.bos_token_id] + row for row in body.tolist()]
+    tokens = n * length
+
+    def batched():
+        score(url, ids_N, k=0)
+
+    def concurrent():
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: score(url, ids_N[i : i + 8], k=0), range(0, n, 8)))
+
+    @torch.no_grad()
+    def in_process():
+        ref(torch.tensor(ids_N)).logits.float().log_softmax(-1)
+
+    lines = []
+    for name, fn in [("one request of 64", batched), ("8 concurrent requests of 8", concurrent),
+                     ("in-process HF forward [64, 41]", in_process)]:  # fmt: skip
+        fn()  # warm-up
+        secs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            secs.append(time.perf_counter() - t0)
+        med = statistics.median(secs)
+        lines.append(
+            f"vllm scoring {n}x{length}: {name}: median {med:.3f} s, {tokens / med:,.0f} tokens/s"
+        )
+    lines.append(
+        f"vllm server start-up (until /health answered): {serve_vllm.last_startup_s:.1f} s"
+    )
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
