@@ -10,7 +10,6 @@ Requests that arrive together are scored in one forward pass. Loopback only unle
 otherwise; an optional bearer key; limits on rows, length and k answer 4xx with the reason.
 """
 
-from __future__ import annotations
 
 import asyncio
 import contextlib
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd.errors import OpdError
 from opd.models import load_model, load_tokenizer
 
 LOGITS_BUDGET = 2**25  # floats of (rows x tokens x vocab) logits held at once
@@ -107,8 +107,11 @@ def create_app(
     max_rows: int = 256,
     max_batch_rows: int = 256,
 ):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse
+    except ImportError:
+        raise OpdError("serve-teacher needs FastAPI and uvicorn: pip install 'opd[serve]'") from None
 
     queue: asyncio.Queue[_Job] = asyncio.Queue()
     executor = ThreadPoolExecutor(1, thread_name_prefix="opd-score")  # one forward at a time
@@ -280,10 +283,10 @@ def serve(
     dtype: str = "float32",
     device: str = "cpu",
 ) -> None:
-    import uvicorn
-
     tokenizer = load_tokenizer(model_dir, "serve-teacher")
     model = load_model(model_dir, dtype, device, "serve-teacher")
     app = create_app(TeacherScorer(model, tokenizer), name, api_key, max_logprobs, max_rows)
+    import uvicorn
+
     print(f"serving {model_dir} as {name!r} on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

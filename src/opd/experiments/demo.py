@@ -47,14 +47,14 @@ class Settings:
     teacher_steps: int = 1000
     teacher_lr: float = 3e-3
     teacher_batch: int = 64
-    student_hidden: int = 64
+    student_hidden: int = 128
     student_layers: int = 2
     sft_steps: int = 800  # a cap: the stage stops once validation accuracy passes sft_stop_at
     sft_lr: float = 3e-3
     sft_batch: int = 64
     sft_stop_at: float = 0.3
     sft_eval_every: int = 20
-    opd_steps: int = 100
+    opd_steps: int = 50
     opd_lr: float = 3e-4
     opd_prompts: int = 32
     opd_group: int = 4
@@ -63,7 +63,7 @@ class Settings:
 
 PRESETS = {
     "default": Settings(),
-    "quick": replace(Settings(), opd_steps=30),  # shares the default's cached stages
+    "quick": replace(Settings(), opd_steps=20),  # shares the default's cached stages
     "test": Settings(
         digits=2,
         n_train=400,

@@ -1,0 +1,289 @@
+"""Served teachers: `opd serve-teacher` against the in-process teacher, its 4xx answers, request
+batching, a run through it, and a fake server that misbehaves on purpose (5xx, slow, dropped,
+malformed, wrong count)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from opd.config import build_config
+from opd.data import load_prompts
+from opd.errors import OpdError
+from opd.models import load_model, load_tokenizer
+from opd.samplers import make_sampler
+from opd.serve import TeacherScorer, create_app
+from opd.teachers.local import LocalTeacher
+from opd.teachers.served import ServedTeacher
+
+from .test_cli import distill_args, run_cli
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run a FastAPI app with uvicorn in a thread on a free loopback port."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def teacher(models):
+    return load_model(str(models["teacher"])), load_tokenizer(str(models["teacher"]))
+
+
+@pytest.fixture(scope="module")
+def server(teacher):
+    model, tok = teacher
+    with serving(create_app(TeacherScorer(model, tok), max_logprobs=5, max_rows=64)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def batch(models, prompts_file):
+    tok = load_tokenizer(str(models["student"]))
+    student = load_model(str(models["student"]))
+    prompts, _ = load_prompts(str(prompts_file), tok)
+    sampler = make_sampler(student, tok, len(tok), 10)
+    return sampler.sample(prompts[:6], 2, torch.Generator().manual_seed(0))  # left-padded rows
+
+
+def test_served_log_probs_equal_in_process(server, teacher, batch):
+    model, tok = teacher
+    local = LocalTeacher(model, len(tok))
+    served = ServedTeacher(server, batch_rows=5, concurrency=2)  # 12 rows -> 3 requests
+    assert served.model == "teacher"  # discovered from /v1/models
+    torch.testing.assert_close(served.score(batch), local.score(batch), atol=1e-5, rtol=0)
+    lp_s, ids_s, lpk_s = served.score_topk(batch, 3)
+    lp_l, ids_l, lpk_l = local.score_topk(batch, 3)
+    torch.testing.assert_close(lp_s, lp_l, atol=1e-5, rtol=0)
+    for b, c in batch.completion_mask_BT.nonzero().tolist():
+        got = {i: v for i, v in zip(ids_s[b, c].tolist(), lpk_s[b, c].tolist()) if i >= 0}
+        want = {i: v for i, v in zip(ids_l[b, c].tolist(), lpk_l[b, c].tolist()) if i >= 0}
+        assert got.keys() == want.keys()
+        assert all(abs(got[i] - want[i]) < 1e-5 for i in got)
+    served.close()
+
+
+def test_serve_teacher_answers_bad_requests_with_the_reason(server, teacher):
+    tok = teacher[1]
+    ok = {"model": "teacher", "prompt": [[1, 5, 6]], "max_tokens": 1, "prompt_logprobs": 0}
+    cases = [
+        ({"prompt": "text"}, 400, "token ids"),
+        ({"prompt_logprobs": 6}, 400, "--max-logprobs=5"),
+        ({"prompt_logprobs": None}, 400, "set prompt_logprobs"),
+        ({"model": "other"}, 404, "does not exist"),
+        ({"prompt": [[1, len(tok) + 3]]}, 400, "outside the vocabulary"),
+        ({"prompt": [[1, 2]] * 65}, 400, "at most 64"),
+        ({"prompt": [[1] * 300]}, 400, "context"),
+        ({"max_tokens": 5}, 400, "max_tokens"),
+    ]
+    with httpx.Client() as client:
+        good = client.post(f"{server}/completions", json=ok)
+        assert good.status_code == 200
+        entries = good.json()["choices"][0]["prompt_logprobs"]
+        assert entries[0] is None and set(entries[1]) == {"5"} and entries[1]["5"]["rank"] >= 1
+        for change, code, words in cases:
+            r = client.post(f"{server}/completions", json=ok | change)
+            assert r.status_code == code, change
+            assert words in r.json()["error"]["message"], change
+        assert client.get(f"{server}/models").json()["data"][0]["id"] == "teacher"
+    with pytest.raises(OpdError, match=r"HTTP 400: .*max-logprobs"):
+        ServedTeacher(server).score_topk(_one_row(), 6)
+
+
+def _one_row():
+    from opd.types import Rollouts
+
+    return Rollouts(
+        tokens_BT=torch.tensor([[1, 5, 6, 7]]),
+        attention_mask_BT=torch.ones(1, 4, dtype=torch.long),
+        completion_mask_BT=torch.tensor([[False, False, True, True]]),
+        prompt_len=2,
+        sampler_lp_BT=torch.zeros(1, 4),
+        prompt_index_B=torch.tensor([0]),
+    )
+
+
+def test_api_key_is_required_when_set(teacher):
+    model, tok = teacher
+    with serving(create_app(TeacherScorer(model, tok), api_key="s3cret")) as url:
+        assert httpx.get(f"{url.removesuffix('/v1')}/health").status_code == 200
+        assert httpx.get(f"{url}/models").status_code == 401
+        with pytest.raises(OpdError, match="HTTP 401.*teacher_api_key"):
+            ServedTeacher(url)
+        served = ServedTeacher(url, api_key="s3cret")
+        assert served.score(_one_row()).shape == (1, 4)
+        served.close()
+
+
+def test_concurrent_requests_share_forward_passes(teacher, batch):
+    model, tok = teacher
+    scorer = TeacherScorer(model, tok)
+    calls = []
+    plain = scorer.score
+
+    def slow_score(rows, ks):
+        calls.append(len(rows))
+        time.sleep(0.3)  # long enough for the other requests to queue up behind this one
+        return plain(rows, ks)
+
+    scorer.score = slow_score
+    with serving(create_app(scorer)) as url:
+        served = ServedTeacher(url, batch_rows=1, concurrency=12)  # 12 requests at once
+        lp = served.score(batch)
+        served.close()
+    torch.testing.assert_close(lp, LocalTeacher(model, len(tok)).score(batch), atol=1e-5, rtol=0)
+    assert sum(calls) == 12 and len(calls) <= 4, calls
+
+
+def test_run_through_served_teacher_matches_in_process(models, prompts_file, server, tmp_path):
+    def first_step(teacher, out):
+        args = distill_args(models, prompts_file, out, 1)
+        args[args.index("--teacher") + 1] = teacher
+        r = run_cli(args + ["run.preflight=false"])
+        assert r.returncode == 0, r.stderr
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+    served = first_step(server, tmp_path / "served")
+    local = first_step(str(models["teacher"]), tmp_path / "local")
+    assert served["teacher/kl"] == pytest.approx(local["teacher/kl"], abs=1e-5)
+    assert served["loss"] == pytest.approx(local["loss"], abs=1e-5)
+
+
+# -- a server that misbehaves on purpose --------------------------------------------------
+
+
+class FaultyProxy:
+    """Forwards to a real teacher server, except that each scoring request first takes the next
+    fault from `faults`: "500", "slow", "drop", "badjson", "wrongcount" (None = behave)."""
+
+    def __init__(self, upstream: str, slow_s: float):
+        self.upstream, self.slow_s, self.faults = upstream, slow_s, []
+        self.requests = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                r = httpx.get(proxy.upstream + self.path.removeprefix("/v1"))
+                self._send(r.status_code, r.content)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                proxy.requests += 1
+                fault = proxy.faults.pop(0) if proxy.faults else None
+                if fault == "500":
+                    return self._send(500, b'{"error": {"message": "engine died"}}')
+                if fault == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return None
+                if fault == "slow":
+                    time.sleep(proxy.slow_s)
+                r = httpx.post(proxy.upstream + "/completions", content=body, timeout=30)
+                content = r.content
+                if fault == "badjson":
+                    content = content[: len(content) // 2]
+                elif fault == "wrongcount":
+                    data = json.loads(content)
+                    data["choices"][0]["prompt_logprobs"] = data["choices"][0]["prompt_logprobs"][:-1]
+                    content = json.dumps(data).encode()
+                return self._send(r.status_code, content)
+
+            def _send(self, code, content):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def proxy(server):
+    p = FaultyProxy(server, slow_s=1.5)
+    yield p
+    p.close()
+
+
+def test_every_fault_is_retried_and_the_scores_are_right(proxy, teacher, batch):
+    model, tok = teacher
+    served = ServedTeacher(proxy.url, timeout=1.0, retries=5, backoff=0.01, batch_rows=64)
+    proxy.faults = ["500", "slow", "drop", "badjson", "wrongcount"]
+    lp = served.score(batch)
+    assert proxy.requests == 6 and not proxy.faults
+    torch.testing.assert_close(lp, LocalTeacher(model, len(tok)).score(batch), atol=1e-5, rtol=0)
+    proxy.faults = ["500"] * 3
+    with pytest.raises(OpdError, match=r"failed 3 times; last: HTTP 500: engine died"):
+        ServedTeacher(proxy.url, retries=2, backoff=0.01, batch_rows=64).score(batch)
+    served.close()
+
+
+def test_run_stops_with_one_line_and_resumes_after_the_server_recovers(
+    models, prompts_file, proxy, tmp_path
+):
+    out = tmp_path / "run"
+    args = distill_args(models, prompts_file, out, 4, "--save-every", "2")
+    args[args.index("--teacher") + 1] = proxy.url
+    args += ["remote.retries=2", "remote.backoff=0.01", "run.preflight=false"]
+    proxy.faults = [None, None, None] + ["500"] * 3  # steps 1-3 scored, step 4's request fails
+    r = run_cli(args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("opd: error: teacher ") and "failed 3 times" in lines[-1]
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002"]
+    r = run_cli(args)  # the server behaves again
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout and (out / "final").is_dir()
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4
+
+
+def test_config_rejects_bad_remote_and_loss_values():
+    base = {"model.student": "s", "model.teacher": "t", "data.prompts": "p", "run.out": "o"}
+    for key, value, words in [
+        ("objective.loss", "kl", "objective.loss='kl'"),
+        ("remote.api", "tgi", "remote.api='tgi'"),
+        ("remote.retries", "-1", "remote.retries=-1"),
+        ("objective.jsd_beta", "2", "objective.jsd_beta=2.0"),
+    ]:
+        with pytest.raises(OpdError, match=words):
+            build_config(None, base | {key: value}, [])
