@@ -35,3 +35,41 @@ def test_teacher_kl_drops_within_a_few_dozen_steps(models, prompts_file, tmp_pat
     first, last = sum(kl[:5]) / 5, sum(kl[-5:]) / 5
     assert first > 2.0, kl[:5]  # a random student is far from the teacher
     assert last < 0.1 * first, (first, last)  # measured: ~4.8 -> ~0.03 on seeds 0 and 1
+
+
+def _learn(models, prompts_file, out, steps, **extra):
+    cfg = build_config(
+        None,
+        {
+            "model.student": str(models["student"]),
+            "model.teacher": str(models["pattern"]),
+            "data.prompts": str(prompts_file),
+            "run.out": str(out),
+            "run.steps": steps,
+            "data.batch_prompts": 16,
+            "sampling.group_size": 4,
+            "sampling.max_new_tokens": 6,
+            "optim.lr": 2e-2,
+            "run.save_every": steps,
+            **extra,
+        },
+        [],
+    )
+    distill(cfg)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss", ["topk", "full", "jsd"])
+def test_vocabulary_losses_learn_too(models, prompts_file, tmp_path, loss):
+    rows = _learn(
+        models,
+        prompts_file,
+        tmp_path / loss,
+        25,
+        **{"objective.loss": loss, "objective.topk": 3, "objective.chunk_tokens": 50},
+    )
+    kl = [r["teacher/kl"] for r in rows]
+    first, last = sum(kl[:3]) / 3, sum(kl[-3:]) / 3
+    assert first > 2.0, kl[:3]
+    assert last < 0.2 * first, (first, last)
+    assert "ratio/mean" not in rows[0]  # no importance ratio outside the sampled-token loss

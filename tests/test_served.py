@@ -84,8 +84,12 @@ def test_served_log_probs_equal_in_process(server, teacher, batch):
     lp_l, ids_l, lpk_l = local.score_topk(batch, 3)
     torch.testing.assert_close(lp_s, lp_l, atol=1e-5, rtol=0)
     for b, c in batch.completion_mask_BT.nonzero().tolist():
-        got = {i: v for i, v in zip(ids_s[b, c].tolist(), lpk_s[b, c].tolist()) if i >= 0}
-        want = {i: v for i, v in zip(ids_l[b, c].tolist(), lpk_l[b, c].tolist()) if i >= 0}
+        got = {
+            i: v for i, v in zip(ids_s[b, c].tolist(), lpk_s[b, c].tolist(), strict=True) if i >= 0
+        }
+        want = {
+            i: v for i, v in zip(ids_l[b, c].tolist(), lpk_l[b, c].tolist(), strict=True) if i >= 0
+        }
         assert got.keys() == want.keys()
         assert all(abs(got[i] - want[i]) < 1e-5 for i in got)
     served.close()
@@ -215,7 +219,9 @@ class FaultyProxy:
                     content = content[: len(content) // 2]
                 elif fault == "wrongcount":
                     data = json.loads(content)
-                    data["choices"][0]["prompt_logprobs"] = data["choices"][0]["prompt_logprobs"][:-1]
+                    data["choices"][0]["prompt_logprobs"] = data["choices"][0]["prompt_logprobs"][
+                        :-1
+                    ]
                     content = json.dumps(data).encode()
                 return self._send(r.status_code, content)
 

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.vllm
 
 ATOL = 1e-4
 MAX_LOGPROBS = 20
+SERVED = {}  # the served teacher's folder, for the in-process comparison runs
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def teacher(tmp_path_factory):
     tiny.fit(model, tok, [(w + "=", w[::-1]) for w in words(200)], steps=30, lr=3e-3)
     path = tiny.save(model, tok, tmp_path_factory.mktemp("vllm") / "teacher")
     ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    SERVED["path"] = path
     log_path = path.parent / "vllm-serve.log"
     with serve_vllm(path, max_logprobs=MAX_LOGPROBS, log_path=log_path) as url:
         print(
@@ -185,3 +187,73 @@ def test_scoring_throughput(teacher, capsys):
     )
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+# -- opd's served backend against the real server ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def student_setup(teacher, tmp_path_factory):
+    """A student with the teacher's tokenizer, a prompts file, and a left-padded batch."""
+    from opd.data import load_prompts
+    from opd.samplers import make_sampler
+
+    from .conftest import write_jsonl
+
+    tok, _, _ = teacher
+    root = tmp_path_factory.mktemp("vllm-student")
+    student = tiny.save(tiny.tiny_model(tok, hidden=32, layers=2, seed=1), tok, root / "student")
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": w + "="} for w in words(32)])
+    loaded, _ = load_prompts(str(prompts), tok)
+    model = tiny.tiny_model(tok, hidden=32, layers=2, seed=1)
+    batch = make_sampler(model, tok, len(tok), 12).sample(
+        loaded[:8], 2, torch.Generator().manual_seed(0)
+    )
+    return student, prompts, batch
+
+
+def test_served_teacher_backend_matches_in_process(teacher, student_setup):
+    from opd.teachers.local import LocalTeacher
+    from opd.teachers.served import ServedTeacher
+
+    tok, ref, url = teacher
+    _, _, batch = student_setup
+    served = ServedTeacher(url, batch_rows=4, concurrency=4)
+    local = LocalTeacher(ref, len(tok))
+    torch.testing.assert_close(served.score(batch), local.score(batch), atol=ATOL, rtol=0)
+    lp_s, ids_s, lpk_s = served.score_topk(batch, 5)
+    _, ids_l, lpk_l = local.score_topk(batch, 5)
+    for b, c in batch.completion_mask_BT.nonzero().tolist():
+        got = {
+            i: v for i, v in zip(ids_s[b, c].tolist(), lpk_s[b, c].tolist(), strict=True) if i >= 0
+        }
+        want = {
+            i: v for i, v in zip(ids_l[b, c].tolist(), lpk_l[b, c].tolist(), strict=True) if i >= 0
+        }
+        assert got.keys() == want.keys()
+        assert all(abs(got[i] - want[i]) <= ATOL for i in got)
+    served.close()
+
+
+def test_distill_through_vllm_matches_in_process_first_step(teacher, student_setup, tmp_path):
+    import json
+
+    from .test_cli import run_cli
+
+    _, _, url = teacher
+    student, prompts, _ = student_setup
+
+    def first_step(teacher_spec, out, *extra):
+        args = ["distill", "--student", str(student), "--teacher", teacher_spec]
+        args += ["--prompts", str(prompts), "--out", str(out), "--steps", "2"]
+        args += ["--batch-prompts", "4", "--group-size", "2", "--max-new-tokens", "8", *extra]
+        r = run_cli(args)
+        assert r.returncode == 0, r.stderr
+        return r, json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+    r, served = first_step(url, tmp_path / "served")
+    assert "teacher self-KL [default]  ok" in r.stdout  # preflight sampled through vLLM
+    _, local = first_step(str(SERVED["path"]), tmp_path / "local")
+    assert served["teacher/kl"] == pytest.approx(local["teacher/kl"], abs=1e-4)
+    _, topk = first_step(url, tmp_path / "topk", "--loss", "topk", "objective.topk=5")
+    assert topk["teacher/kl"] == pytest.approx(local["teacher/kl"], abs=1e-4)

@@ -10,7 +10,6 @@ Requests that arrive together are scored in one forward pass. Loopback only unle
 otherwise; an optional bearer key; limits on rows, length and k answer 4xx with the reason.
 """
 
-
 import asyncio
 import contextlib
 import time
@@ -111,7 +110,9 @@ def create_app(
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse
     except ImportError:
-        raise OpdError("serve-teacher needs FastAPI and uvicorn: pip install 'opd[serve]'") from None
+        raise OpdError(
+            "serve-teacher needs FastAPI and uvicorn: pip install 'opd[serve]'"
+        ) from None
 
     queue: asyncio.Queue[_Job] = asyncio.Queue()
     executor = ThreadPoolExecutor(1, thread_name_prefix="opd-score")  # one forward at a time
