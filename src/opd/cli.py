@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
             "sft",
             "fine-tune on the teacher's samples (off-policy distillation) or on 'completion' rows",
         ),
+        ("rl", "reinforcement learning on a 0/1 answer reward (the baseline OPD is compared to)"),
     ):
         d = sub.add_parser(
             name,
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
             default = "required" if f.default == "" else f"default {f.default!r}"
             if name == "sft" and key == "model.teacher":
                 default = "optional: without it, rows' 'completion' fields are the targets"
+            if name == "rl" and key.startswith("model.teacher"):
+                default = "not used by rl"
             d.add_argument(
                 flag,
                 dest=key,
@@ -161,11 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("distill", "sft"):
+    if args.command in ("distill", "sft", "rl"):
         from opd.loop import distill
 
         flags = {key: getattr(args, key) for key in FLAGS.values()}
-        flags["objective.kind"] = "sft" if args.command == "sft" else None
+        flags["objective.kind"] = {"sft": "sft", "rl": "rl"}.get(args.command)
         cfg = config_mod.build_config(args.config, flags, args.overrides)
         distill(cfg, force=args.force)
     elif args.command == "eval":

@@ -81,8 +81,19 @@ class ObjectiveConfig:
         "opd",
         "'opd': on-policy distillation (the student samples, the teacher scores). 'sft': "
         "supervised fine-tuning on the teacher's samples (off-policy distillation), or on the "
-        "rows' 'completion' field when model.teacher is empty.",
+        "rows' 'completion' field when model.teacher is empty. 'rl': policy gradient on a 0/1 "
+        "reward (the extracted answer equals the row's 'answer'), centred per prompt's group.",
     )
+    reward_coef: float = _f(
+        0.0,
+        "opd only: add the task reward, A_t = reward_coef * centred_reward - kl_coef * k_t "
+        "(rows need an 'answer'); 0 turns it off.",
+    )
+    extractor: str = _f(
+        "exact",
+        "Answer extractor for rewards: exact, last-number, boxed, hashes or module:function.",
+    )
+    reward_std: bool = _f(False, "Divide centred rewards by the group's std (GRPO); off: Dr. GRPO.")
     kl_coef: float = _f(1.0, "Advantage scale: A_t = -kl_coef * (logp_sampler_t - logp_teacher_t).")
     discount: float = _f(
         0.0, "Discount gamma: 0 judges each token alone; > 0 sums discounted future advantages."
@@ -327,7 +338,8 @@ def validate(cfg: Config) -> None:
     _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "'auto', 'cpu' or 'cuda'")
     _check(r.threads >= 0, "run.threads", r.threads, ">= 0")
     _check(0 <= r.seed < 2**31, "run.seed", r.seed, "in [0, 2**31)")
-    _check(o.kind in ("opd", "sft"), "objective.kind", o.kind, "'opd' or 'sft'")
+    _check(o.kind in ("opd", "sft", "rl"), "objective.kind", o.kind, "'opd', 'sft' or 'rl'")
+    _check(o.reward_coef >= 0, "objective.reward_coef", o.reward_coef, ">= 0")
     _check(
         o.loss in ("sampled", "topk", "full", "jsd"),
         "objective.loss",

@@ -98,6 +98,15 @@ def evaluate(
         except OSError as e:
             raise OpdError(f"--out {out}: cannot write there ({e.strerror})") from None
     summary, results = run_eval(sampler, tokenizer, prompts, extract, batch_size, gen, extractor)
+    from opd.flops import model_shape, sampling_flops
+
+    summary["flops"] = float(
+        sampling_flops(
+            model_shape(model),
+            [len(p.ids) for p in prompts],
+            [r["completion_tokens"] for r in results],
+        )
+    )
     if out:
         with open(out, "w") as f:
             for r in results:

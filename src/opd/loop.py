@@ -26,6 +26,7 @@ from opd.distributed import DistContext, setup
 from opd.divergences import divergence_loss_chunked, gather_topk_fn, local_teacher_fn
 from opd.errors import OpdError
 from opd.evaluate import get_extractor, run_eval
+from opd.flops import Ledger, forward_flops, model_shape, sampling_flops, train_flops
 from opd.metrics import MetricsLogger
 from opd.models import (
     add_lora,
@@ -36,6 +37,7 @@ from opd.models import (
     output_vocab,
 )
 from opd.objectives import kl_advantages, lr_at, nll_loss, policy_gradient_loss, reverse_kl
+from opd.rewards import combined_advantages, group_centered, reward_advantages_BT, task_rewards
 from opd.samplers import Sampler, make_sampler
 from opd.samplers.dataset import DatasetSampler
 from opd.scoring import completion_logprobs
@@ -82,6 +84,8 @@ class Parts:
     vocab_size: int
     tokenizer: object
     eval_prompts: list[Prompt]
+    shapes: dict  # "student", "teacher:<name>", "teacher_sampler" -> flops.ModelShape
+    ledger: Ledger
 
 
 def sampling_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -107,8 +111,15 @@ def train_step(step: int, p: Parts) -> dict:
     t1 = time.perf_counter()
 
     mask_BT = batch.completion_mask_BT
-    on_policy = cfg.objective.kind == "opd"
-    loss_kind = cfg.objective.loss if on_policy else "sft"
+    kind = cfg.objective.kind
+    on_policy = kind == "opd"
+    loss_kind = cfg.objective.loss if on_policy else kind  # sampled|topk|full|jsd, sft, rl
+    rewards_B = None
+    if kind == "rl" or cfg.objective.reward_coef > 0:
+        rewards_B = step_rewards(p, batch, step_prompts)
+        reward_adv_B = group_centered(rewards_B, cfg.sampling.group_size, cfg.objective.reward_std)
+    if kind == "rl":
+        batch.advantages_BT = reward_advantages_BT(reward_adv_B, mask_BT)
     if on_policy:
         names_B = p.teacher.names(batch, [x.row.get("teacher", DEFAULT) for x in step_prompts])
         k = cfg.objective.topk if loss_kind == "topk" else 0
@@ -121,6 +132,10 @@ def train_step(step: int, p: Parts) -> dict:
                 cfg.objective.kl_coef,
                 cfg.objective.discount,
             )
+            if rewards_B is not None:  # A_t = reward_coef * centred reward - kl_coef * k_t
+                batch.advantages_BT = combined_advantages(
+                    cfg.objective.reward_coef * reward_adv_B, batch.advantages_BT, mask_BT
+                )
     t2 = time.perf_counter()
 
     # Normalise by the completion tokens of the whole step (every micro-batch, every rank).
@@ -161,7 +176,7 @@ def train_step(step: int, p: Parts) -> dict:
         train_lp_BT = completion_logprobs(
             p.student, mb.tokens_BT, mb.attention_mask_BT, batch.prompt_len, p.vocab_size
         )
-        if on_policy:
+        if loss_kind in ("sampled", "rl"):
             loss, stats = policy_gradient_loss(
                 train_lp_BT,
                 mb.sampler_lp_BT,
@@ -200,27 +215,79 @@ def train_step(step: int, p: Parts) -> dict:
         "time/step": t3 - t0,
         "throughput/tokens_per_s": n_tokens / max(t3 - t0, 1e-9),
     }
+    denom = max(n_tokens, 1)
+    if loss_kind in ("sampled", "rl"):
+        (ratio_sum,) = ctx.sum([ratio_sum])
+        metrics |= {"ratio/mean": ratio_sum / denom, "ratio/max": ratio_max}
+    if rewards_B is not None:
+        total, rows = ctx.sum([rewards_B.sum().item(), rewards_B.numel()])
+        metrics["reward/mean"] = total / max(rows, 1)
     if on_policy:
         kl_sum = reverse_kl(batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT).sum().item()
         sums = ctx.sum(
             [
                 kl_sum,
-                ratio_sum,
                 batch.teacher_lp_BT[mask_BT].sum().item(),
                 batch.sampler_lp_BT[mask_BT].sum().item(),
             ]
         )
-        denom = max(n_tokens, 1)
         metrics |= {
             "teacher/kl": sums[0] / denom,
-            "teacher/logprob": sums[2] / denom,
-            "sampler/logprob": sums[3] / denom,
+            "teacher/logprob": sums[1] / denom,
+            "sampler/logprob": sums[2] / denom,
         }
-        if loss_kind == "sampled":
-            metrics |= {"ratio/mean": sums[1] / denom, "ratio/max": ratio_max}
         if len(p.teacher.teachers) > 1:
             metrics |= per_teacher_kl(batch, names_B, sorted(p.teacher.teachers), ctx)
+    metrics |= count_flops(p, batch, names_B if on_policy else None, t1 - t0, t2 - t1, t3 - t2)
     return metrics
+
+
+def step_rewards(p: Parts, batch, step_prompts) -> torch.Tensor:
+    """(B,) 1.0 where the completion's extracted answer equals its prompt's 'answer', else 0."""
+    texts = [
+        p.tokenizer.decode(
+            batch.tokens_BT[b][batch.completion_mask_BT[b]].tolist(), skip_special_tokens=True
+        )
+        for b in range(batch.num_rows)
+    ]
+    answers = [step_prompts[i].row.get("answer") for i in batch.prompt_index_B.tolist()]
+    return task_rewards(texts, answers, get_extractor(p.cfg.objective.extractor)).to(
+        batch.tokens_BT.device
+    )
+
+
+def count_flops(p: Parts, batch, names_B, t_sample: float, t_teacher: float, t_train: float):
+    """Model FLOPs of this step's phases (summed over ranks) into the run's ledger."""
+    cfg, ctx = p.cfg, p.ctx
+    prompt_B = batch.attention_mask_BT[:, : batch.prompt_len].sum(1).cpu()
+    completion_B = batch.completion_mask_BT.sum(1).cpu()
+    seq_B = prompt_B + completion_B
+    phases = {}
+    if cfg.objective.kind in ("opd", "rl"):
+        phases["student_sampling"] = (
+            sampling_flops(p.shapes["student"], prompt_B, completion_B),
+            t_sample,
+        )
+    elif "teacher_sampler" in p.shapes:  # SFT on the teacher's samples
+        phases["teacher_sampling"] = (
+            sampling_flops(p.shapes["teacher_sampler"], prompt_B, completion_B),
+            t_sample,
+        )
+    if names_B is not None:
+        flops = 0
+        # full/jsd run the teacher's backbone a second time, inside the loss
+        passes = 2 if cfg.objective.loss in ("full", "jsd") else 1
+        for name, rows in p.teacher.groups(names_B).items():
+            shape = p.shapes.get(f"teacher:{name}")
+            if shape is not None:  # a served teacher's size is not known here: not counted
+                flops += passes * forward_flops(shape, torch.zeros_like(seq_B[rows]), seq_B[rows])
+        phases["teacher_scoring"] = (flops, t_teacher)
+    phases["train"] = (train_flops(p.shapes["student"], seq_B), t_train)
+    names = sorted(phases)
+    sums = ctx.sum([float(phases[n][0]) for n in names])
+    for name, flops in zip(names, sums, strict=True):
+        p.ledger.add(name, flops, phases[name][1])
+    return p.ledger.step_metrics()
 
 
 def divergence_teacher(p: Parts, mb, names_mb: list[str], ids_BTK, lp_BTK, start: int):
@@ -337,7 +404,11 @@ def distill(cfg: Config, force: bool = False) -> Path:
                         done,
                         parts.student,
                         parts.optimizer,
-                        {"data_cursor": done * cfg.data.batch_prompts, "stopped": stopped},
+                        {
+                            "data_cursor": done * cfg.data.batch_prompts,
+                            "stopped": stopped,
+                            "flops": parts.ledger.state_dict(),
+                        },
                         cfg.run.keep_checkpoints,
                     )
                 ctx.barrier()
@@ -446,6 +517,11 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
             "which needs a local model folder"
         )
     local = [t for t in teachers.values() if isinstance(t, torch.nn.Module)]
+    if on_policy and cfg.objective.reward_coef > 0 and cfg.objective.loss != "sampled":
+        raise OpdError(
+            f"objective.reward_coef={cfg.objective.reward_coef} adds the reward to the sampled-token "
+            f"advantage; objective.loss={cfg.objective.loss!r} has none (use loss 'sampled')"
+        )
     if on_policy and cfg.objective.loss in ("full", "jsd") and len(local) < len(teachers):
         raise OpdError(
             f"objective.loss={cfg.objective.loss!r} needs every teacher in-process (full "
@@ -453,7 +529,7 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
         )
     models = [student, *local]
     limits = [n for n in map(context_length, models) if n]
-    from_data = not on_policy and teacher_model is None
+    from_data = cfg.objective.kind == "sft" and teacher_model is None
     prompts = read_prompts(
         cfg.data.prompts,
         tokenizer,
@@ -500,7 +576,7 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
             )
         sampler = DatasetSampler(tokenizer.pad_token_id)
     else:
-        source = student if on_policy else teacher_model
+        source = teacher_model if cfg.objective.kind == "sft" else student
         sampler = make_sampler(
             source, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k
         )
@@ -523,6 +599,20 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
                 for name, t in teachers.items()
             }
         )
+    if cfg.objective.kind == "rl" or cfg.objective.reward_coef > 0:
+        for prompt in prompts:
+            if "answer" not in prompt.row:
+                raise OpdError(
+                    f"{prompt.where}: no 'answer' to reward (objective.kind={cfg.objective.kind!r}, "
+                    f"objective.reward_coef={cfg.objective.reward_coef})"
+                )
+        get_extractor(cfg.objective.extractor)
+    shapes = {"student": model_shape(student)}
+    for name, t in teachers.items():
+        if isinstance(t, torch.nn.Module):
+            shapes[f"teacher:{name}"] = model_shape(t)
+    if cfg.objective.kind == "sft" and teacher_model is not None:
+        shapes["teacher_sampler"] = shapes[f"teacher:{DEFAULT}"]
     return Parts(
         cfg,
         ctx,
@@ -535,6 +625,8 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
         vocab_size,
         tokenizer,
         eval_prompts,
+        shapes,
+        Ledger(),
     )
 
 
@@ -599,7 +691,7 @@ def run_evaluation(p: Parts) -> dict:
     cfg = p.cfg
     sampler = make_sampler(p.student, p.tokenizer, p.vocab_size, eval_tokens(cfg), temperature=0.0)
     t0 = time.perf_counter()
-    summary, _ = run_eval(
+    summary, rows = run_eval(
         sampler,
         p.tokenizer,
         p.eval_prompts,
@@ -608,7 +700,13 @@ def run_evaluation(p: Parts) -> dict:
         torch.Generator(device=p.ctx.device).manual_seed(0),
         cfg.eval.extractor,
     )
+    eval_flops = sampling_flops(
+        p.shapes["student"],
+        [len(x.ids) for x in p.eval_prompts],
+        [r["completion_tokens"] for r in rows],
+    )
     return {
+        "flops/eval": float(eval_flops),
         "eval/accuracy": summary["accuracy"],
         "eval/mean_completion_tokens": summary["mean_completion_tokens"],
         "time/eval": time.perf_counter() - t0,
@@ -620,6 +718,7 @@ def resume(found: list[Path], parts: Parts) -> tuple[int, bool]:
     if not found:
         return 0, False
     state = checkpoint.load(found[-1], parts.student, parts.optimizer)
+    parts.ledger.load_state_dict(state.get("flops", {}))
     if parts.ctx.is_main:
         print(f"resuming from {found[-1]} (step {state['step']})")
     return int(state["step"]), bool(state.get("stopped", False))
