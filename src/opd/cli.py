@@ -126,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
     dm.add_argument("--verbose", action="store_true", help="show every step of every stage")
 
+    ex = sub.add_parser(
+        "experiment",
+        help="the blog's comparisons on the demo's task: math, single-prompt, self-distill",
+    )
+    ex.add_argument("name", choices=["math", "single-prompt", "self-distill"])
+    ex.add_argument(
+        "--out", required=True, help="output folder (results.json, report.md, plots, runs)"
+    )
+    ex.add_argument("--quick", action="store_true", help="one seed and smaller budgets")
+    ex.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
+    ex.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
+    ex.add_argument("--verbose", action="store_true", help="show every step of every run")
+
+    rp = sub.add_parser("report", help="markdown: the blog's claims beside experiments' results")
+    rp.add_argument("dirs", nargs="+", metavar="DIR", help="folders with a results.json")
+    rp.add_argument("--out", help="report file (default DIR/report.md of the first DIR)")
+
     st = sub.add_parser(
         "serve-teacher",
         help="serve a teacher's prompt log-probs over vLLM's /v1/completions API",
@@ -191,6 +208,15 @@ def run(argv: list[str] | None = None) -> int:
 
         preset = args.preset or ("quick" if args.quick else "default")
         run_demo(args.out, preset, args.seed, args.cache_dir, quiet=not args.verbose)
+    elif args.command == "experiment":
+        from opd.experiments.blog import run_experiment
+
+        preset = args.preset or ("quick" if args.quick else "default")
+        run_experiment(args.name, args.out, preset, args.cache_dir, quiet=not args.verbose)
+    elif args.command == "report":
+        from opd.experiments.report import write_report
+
+        print(f"wrote {write_report(args.dirs, args.out)}")
     elif args.command == "serve-teacher":
         from opd.serve import serve
 

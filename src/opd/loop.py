@@ -109,33 +109,7 @@ def train_step(step: int, p: Parts) -> dict:
     step_prompts = [p.prompts[i] for i in idx]
     batch = p.sampler.sample(step_prompts, cfg.sampling.group_size, gen)
     t1 = time.perf_counter()
-
-    mask_BT = batch.completion_mask_BT
-    kind = cfg.objective.kind
-    on_policy = kind == "opd"
-    loss_kind = cfg.objective.loss if on_policy else kind  # sampled|topk|full|jsd, sft, rl
-    rewards_B = None
-    if kind == "rl" or cfg.objective.reward_coef > 0:
-        rewards_B = step_rewards(p, batch, step_prompts)
-        reward_adv_B = group_centered(rewards_B, cfg.sampling.group_size, cfg.objective.reward_std)
-    if kind == "rl":
-        batch.advantages_BT = reward_advantages_BT(reward_adv_B, mask_BT)
-    if on_policy:
-        names_B = p.teacher.names(batch, [x.row.get("teacher", DEFAULT) for x in step_prompts])
-        k = cfg.objective.topk if loss_kind == "topk" else 0
-        batch.teacher_lp_BT, top_ids_BTK, top_lp_BTK = p.teacher.score_topk(batch, names_B, k)
-        if loss_kind == "sampled":
-            batch.advantages_BT = kl_advantages(
-                batch.sampler_lp_BT,
-                batch.teacher_lp_BT,
-                mask_BT,
-                cfg.objective.kl_coef,
-                cfg.objective.discount,
-            )
-            if rewards_B is not None:  # A_t = reward_coef * centred reward - kl_coef * k_t
-                batch.advantages_BT = combined_advantages(
-                    cfg.objective.reward_coef * reward_adv_B, batch.advantages_BT, mask_BT
-                )
+    scored = score_batch(p, batch, step_prompts)  # teacher log-probs, rewards, advantages
     t2 = time.perf_counter()
 
     # Normalise by the completion tokens of the whole step (every micro-batch, every rank).
@@ -153,14 +127,71 @@ def train_step(step: int, p: Parts) -> dict:
     p.optimizer.zero_grad(set_to_none=True)
     # Dropout stays off: the ratio needs the trainer to score the distribution the sampler drew from.
     p.student.eval()
+    loss_sum, ratio_sum, ratio_max = backward(p, batch, scored, n_tokens)
+    ctx.sum_gradients(p.params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(p.params, cfg.optim.grad_clip or math.inf).item()
+    if not math.isfinite(grad_norm):
+        raise OpdError(
+            f"step {step + 1}: gradient norm is {grad_norm}; the step was not applied "
+            "(try a lower optim.lr); the last checkpoint is intact"
+        )
+    p.optimizer.step()
+    t3 = time.perf_counter()
+
+    (loss_sum,), (ratio_max,) = ctx.sum([loss_sum]), ctx.max([ratio_max])
+    metrics = {
+        "step": step + 1,
+        "loss": loss_sum,
+        "optim/lr": lr,
+        "optim/grad_norm": grad_norm,
+        "tokens/completion": int(n_tokens),
+        "tokens/mean_completion_len": n_tokens / max(n_rows, 1),
+        "time/sample": t1 - t0,
+        "time/teacher": t2 - t1,
+        "time/train": t3 - t2,
+        "time/step": t3 - t0,
+        "throughput/tokens_per_s": n_tokens / max(t3 - t0, 1e-9),
+    }
+    metrics |= score_metrics(p, batch, scored, n_tokens, ratio_sum, ratio_max)
+    metrics |= count_flops(p, batch, scored.get("names_B"), t1 - t0, t2 - t1, t3 - t2)
+    return metrics
+
+
+def score_batch(p: Parts, batch, step_prompts) -> dict:
+    """Teacher log-probs (OPD), rewards (RL, reward + KL) and the per-token advantages."""
+    cfg, o, mask_BT = p.cfg, p.cfg.objective, batch.completion_mask_BT
+    scored = {"loss": o.loss if o.kind == "opd" else o.kind}  # sampled|topk|full|jsd, sft, rl
+    if o.kind == "rl" or o.reward_coef > 0:
+        scored["rewards_B"] = step_rewards(p, batch, step_prompts)
+        reward_adv_B = group_centered(scored["rewards_B"], cfg.sampling.group_size, o.reward_std)
+    if o.kind == "rl":
+        batch.advantages_BT = reward_advantages_BT(reward_adv_B, mask_BT)
+    if o.kind != "opd":
+        return scored
+    names_B = p.teacher.names(batch, [x.row.get("teacher", DEFAULT) for x in step_prompts])
+    k = o.topk if o.loss == "topk" else 0
+    batch.teacher_lp_BT, top_ids_BTK, top_lp_BTK = p.teacher.score_topk(batch, names_B, k)
+    scored |= {"names_B": names_B, "top_ids_BTK": top_ids_BTK, "top_lp_BTK": top_lp_BTK}
+    if o.loss == "sampled":
+        batch.advantages_BT = kl_advantages(
+            batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT, o.kl_coef, o.discount
+        )
+        if o.reward_coef > 0:  # A_t = reward_coef * centred reward - kl_coef * k_t
+            batch.advantages_BT = combined_advantages(
+                o.reward_coef * reward_adv_B, batch.advantages_BT, mask_BT
+            )
+    return scored
+
+
+def backward(p: Parts, batch, scored: dict, n_tokens) -> tuple[float, float, float]:
+    """Accumulate the step's gradient micro-batch by micro-batch; (loss, ratio sum, ratio max)."""
+    cfg, loss_kind = p.cfg, scored["loss"]
     loss_sum, ratio_sum, ratio_max = 0.0, 0.0, 0.0
     mbs = cfg.run.micro_batch_size or batch.num_rows
     for start in range(0, batch.num_rows, mbs):
         mb = batch.slice(start, start + mbs)
         if loss_kind in DIVERGENCES:  # backpropagates chunk by chunk itself
-            fn = divergence_teacher(
-                p, mb, names_B[start : start + mbs], top_ids_BTK, top_lp_BTK, start
-            )
+            fn = divergence_teacher(p, mb, scored, start)
             loss, _ = divergence_loss_chunked(
                 p.student,
                 mb,
@@ -191,54 +222,36 @@ def train_step(step: int, p: Parts) -> dict:
             loss = nll_loss(train_lp_BT, mb.completion_mask_BT, n_tokens)
         loss.backward()
         loss_sum += loss.item()
-    ctx.sum_gradients(p.params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(p.params, cfg.optim.grad_clip or math.inf).item()
-    if not math.isfinite(grad_norm):
-        raise OpdError(
-            f"step {step + 1}: gradient norm is {grad_norm}; the step was not applied "
-            "(try a lower optim.lr); the last checkpoint is intact"
-        )
-    p.optimizer.step()
-    t3 = time.perf_counter()
+    return loss_sum, ratio_sum, ratio_max
 
-    (loss_sum,), (ratio_max,) = ctx.sum([loss_sum]), ctx.max([ratio_max])
-    metrics = {
-        "step": step + 1,
-        "loss": loss_sum,
-        "optim/lr": lr,
-        "optim/grad_norm": grad_norm,
-        "tokens/completion": int(n_tokens),
-        "tokens/mean_completion_len": n_tokens / max(n_rows, 1),
-        "time/sample": t1 - t0,
-        "time/teacher": t2 - t1,
-        "time/train": t3 - t2,
-        "time/step": t3 - t0,
-        "throughput/tokens_per_s": n_tokens / max(t3 - t0, 1e-9),
-    }
-    denom = max(n_tokens, 1)
-    if loss_kind in ("sampled", "rl"):
+
+def score_metrics(p: Parts, batch, scored: dict, n_tokens, ratio_sum, ratio_max) -> dict:
+    """Importance ratios, rewards, and the KL to the teacher(s), reduced over ranks."""
+    ctx, mask_BT, denom = p.ctx, batch.completion_mask_BT, max(n_tokens, 1)
+    metrics = {}
+    if scored["loss"] in ("sampled", "rl"):
         (ratio_sum,) = ctx.sum([ratio_sum])
         metrics |= {"ratio/mean": ratio_sum / denom, "ratio/max": ratio_max}
-    if rewards_B is not None:
-        total, rows = ctx.sum([rewards_B.sum().item(), rewards_B.numel()])
+    if "rewards_B" in scored:
+        total, rows = ctx.sum([scored["rewards_B"].sum().item(), scored["rewards_B"].numel()])
         metrics["reward/mean"] = total / max(rows, 1)
-    if on_policy:
-        kl_sum = reverse_kl(batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT).sum().item()
-        sums = ctx.sum(
-            [
-                kl_sum,
-                batch.teacher_lp_BT[mask_BT].sum().item(),
-                batch.sampler_lp_BT[mask_BT].sum().item(),
-            ]
-        )
-        metrics |= {
-            "teacher/kl": sums[0] / denom,
-            "teacher/logprob": sums[1] / denom,
-            "sampler/logprob": sums[2] / denom,
-        }
-        if len(p.teacher.teachers) > 1:
-            metrics |= per_teacher_kl(batch, names_B, sorted(p.teacher.teachers), ctx)
-    metrics |= count_flops(p, batch, names_B if on_policy else None, t1 - t0, t2 - t1, t3 - t2)
+    if "names_B" not in scored:
+        return metrics
+    kl_sum = reverse_kl(batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT).sum().item()
+    sums = ctx.sum(
+        [
+            kl_sum,
+            batch.teacher_lp_BT[mask_BT].sum().item(),
+            batch.sampler_lp_BT[mask_BT].sum().item(),
+        ]
+    )
+    metrics |= {
+        "teacher/kl": sums[0] / denom,
+        "teacher/logprob": sums[1] / denom,
+        "sampler/logprob": sums[2] / denom,
+    }
+    if len(p.teacher.teachers) > 1:
+        metrics |= per_teacher_kl(batch, scored["names_B"], sorted(p.teacher.teachers), ctx)
     return metrics
 
 
@@ -290,10 +303,15 @@ def count_flops(p: Parts, batch, names_B, t_sample: float, t_teacher: float, t_t
     return p.ledger.step_metrics()
 
 
-def divergence_teacher(p: Parts, mb, names_mb: list[str], ids_BTK, lp_BTK, start: int):
+def divergence_teacher(p: Parts, mb, scored: dict, start: int):
     """The teacher side of a topk/full/jsd loss for micro-batch `mb` (rows from `start`)."""
+    end = start + mb.num_rows
+    ids_BTK, lp_BTK, names_mb = (
+        scored["top_ids_BTK"],
+        scored["top_lp_BTK"],
+        scored["names_B"][start:end],
+    )
     if ids_BTK is not None:  # top-k, already scored (served or in-process)
-        end = start + mb.num_rows
         return gather_topk_fn(ids_BTK[start:end], lp_BTK[start:end])
     fns = {}
     for name, rows in p.teacher.groups(names_mb).items():

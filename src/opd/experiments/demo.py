@@ -148,18 +148,30 @@ def _accuracy(model_dir: Path, test: Path, max_new: int) -> float:
     ]
 
 
-def run_demo(
-    out: str,
-    preset: str = "default",
-    seed: int = 0,
-    cache_dir: str | None = None,
-    quiet: bool = True,
-    settings: Settings | None = None,
-) -> dict:
-    t_start = time.time()
-    s = settings or PRESETS[preset]
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Stages:
+    """The cached stages every experiment starts from: data, the teacher, the SFT student."""
+
+    settings: Settings
+    max_new: int
+    train: Path  # rows with prompt, completion (gold trace) and answer
+    prompts: Path  # the same prompts with answers, no completions
+    test: Path
+    valid: Path
+    teacher: Path
+    sft: Path
+    teacher_acc: float
+    sft_acc: float
+    sft_steps: int
+    teacher_seconds: float
+    sft_seconds: float
+    teacher_cached: bool
+    sft_cached: bool
+    common: dict  # flags every stage shares (max_new_tokens, seed, eval prompts, extractor)
+
+
+def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> Stages:
+    """Data, teacher and SFT student, each reused from the cache when its settings match."""
     cache = Path(cache_dir or os.environ.get("OPD_CACHE", Path.home() / ".cache" / "opd")) / "demo"
     cache.mkdir(parents=True, exist_ok=True)
     task = Addition(s.digits)
@@ -190,9 +202,6 @@ def run_demo(
         "eval.prompts": str(test),
         "eval.extractor": EXTRACTOR,
     }
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:6.1f} s] {msg}", flush=True)
 
     # 1. Teacher, trained from scratch on the gold traces.
     t_key = _key(
@@ -277,6 +286,48 @@ def run_demo(
     sft_steps = json.loads((s_dir / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     sft_acc = _accuracy(sft, test, max_new)
     log(f"student after SFT held-out accuracy {sft_acc:.1%}")
+
+    return Stages(
+        s,
+        max_new,
+        train,
+        prompt_only,
+        test,
+        valid,
+        teacher,
+        sft,
+        teacher_acc,
+        sft_acc,
+        sft_steps,
+        teacher_seconds,
+        sft_seconds,
+        teacher_cached,
+        sft_cached,
+        common,
+    )
+
+
+def run_demo(
+    out: str,
+    preset: str = "default",
+    seed: int = 0,
+    cache_dir: str | None = None,
+    quiet: bool = True,
+    settings: Settings | None = None,
+) -> dict:
+    t_start = time.time()
+    s = settings or PRESETS[preset]
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:6.1f} s] {msg}", flush=True)
+
+    st = prepare(s, seed, cache_dir, quiet, log)
+    common, teacher, sft, prompt_only = st.common, st.teacher, st.sft, st.prompts
+    teacher_acc, sft_acc, sft_steps = st.teacher_acc, st.sft_acc, st.sft_steps
+    teacher_seconds, sft_seconds = st.teacher_seconds, st.sft_seconds
+    teacher_cached, sft_cached = st.teacher_cached, st.sft_cached
 
     # 3. On-policy distillation from the SFT checkpoint (always run: it is the demonstration).
     log(

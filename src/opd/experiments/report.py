@@ -1,0 +1,222 @@
+"""`opd report DIR...`: the blog's claims beside our measurements, from experiments' results.json.
+
+Each experiment folder (written by `opd experiment NAME --out DIR`, or `opd demo`) holds a
+results.json; this module renders one markdown section and its plots per experiment, plus the
+table "blog claim | blog figure | ours". Nothing is recomputed: the report is the saved numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from opd.errors import OpdError
+
+METHOD_LABEL = {"opd": "on-policy distillation", "rl": "RL (0/1 reward)", "sft": "continued SFT"}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _num(x, fmt="{:.0f}") -> str:
+    return "not reached" if x is None else fmt.format(x)
+
+
+def _flops(x) -> str:
+    return "not reached" if x is None else f"{x:.3g}"
+
+
+def _ratio(x) -> str:
+    return "n/a" if x is None else f"{x:.1f}x"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
+    plt = _plt()
+    for axis, name, xlabel in (
+        (0, "math_steps.png", "optimizer step"),
+        (1, "math_flops.png", "training FLOPs"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (method, m) in enumerate(r["methods"].items()):
+            for j, curve in enumerate(m["curves"].values()):
+                ax.plot(
+                    [c[axis] for c in curve],
+                    [c[2] for c in curve],
+                    color=f"C{i}",
+                    alpha=0.8,
+                    label=METHOD_LABEL.get(method, method) if j == 0 else None,
+                )
+        ax.axhline(r["target_accuracy"], color="k", linestyle=":", label="target (95% of teacher)")
+        if axis == 1:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out accuracy (greedy)")
+        ax.set_ylim(0, 1.02)
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(root / name, dpi=110)
+        plt.close(fig)
+    lines = [
+        f"## math: OPD vs RL vs continued SFT from one SFT checkpoint ({len(r['seeds'])} seeds)",
+        "",
+        f"Teacher {_pct(r['teacher_accuracy'])}, SFT start {_pct(r['sft_start_accuracy'])}, "
+        f"target {_pct(r['target_accuracy'])}; {r['sequences_per_step']} sampled sequences a "
+        f"step for every method, lr {r['lr']} for all (not swept); medians over seeds, a method "
+        "that reached the target in fewer than half the seeds counts as not reached.",
+        "",
+        "| method | steps to target | FLOPs to target | final accuracy | seeds reaching | step budget |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, m in r["methods"].items():
+        lines.append(
+            f"| {METHOD_LABEL.get(method, method)} | {_num(m['steps_to_target'])} | "
+            f"{_flops(m['flops_to_target'])} | {_pct(m['final_accuracy'])} | "
+            f"{m['reached']}/{len(m['per_seed'])} | {m['step_budget']} |"
+        )
+    ra = r["ratios"]
+    lines += [
+        "",
+        f"RL / OPD steps: {_ratio(ra['rl_over_opd_steps'])}; continued SFT / OPD FLOPs: "
+        f"{_ratio(ra['sft_over_opd_flops'])} (also RL / OPD FLOPs {_ratio(ra['rl_over_opd_flops'])}, "
+        f"SFT / OPD steps {_ratio(ra['sft_over_opd_steps'])}).",
+        "",
+        "![accuracy vs step](math_steps.png) ![accuracy vs FLOPs](math_flops.png)",
+        "",
+    ]
+    claims = [
+        (
+            "OPD reaches the target in far fewer optimizer steps than RL",
+            "7-10x fewer steps",
+            f"RL / OPD steps {_ratio(ra['rl_over_opd_steps'])}",
+        ),
+        (
+            "OPD is cheaper per FLOP than SFT (off-policy distillation)",
+            "9-30x fewer FLOPs",
+            f"continued SFT / OPD FLOPs {_ratio(ra['sft_over_opd_flops'])}",
+        ),
+    ]
+    return "\n".join(lines), claims
+
+
+def _single(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([c[0] for c in r["curve"]], [c[2] for c in r["curve"]], marker="o", label="student")
+    ax.axhline(r["teacher_accuracy"], color="k", linestyle="--", label="teacher")
+    ax.set_xlabel("step (one prompt)")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(root / "single_prompt.png", dpi=110)
+    plt.close(fig)
+    text = "\n".join(
+        [
+            "## single-prompt: on-policy distillation on one training prompt",
+            "",
+            f"Prompt `{r['prompt']}`, {r['steps']} steps x {r['rollouts_per_step']} rollouts: "
+            f"held-out accuracy {_pct(r['before'])} -> {_pct(r['after'])} "
+            f"(teacher {_pct(r['teacher_accuracy'])}).",
+            "",
+            "![single prompt](single_prompt.png)",
+            "",
+        ]
+    )
+    claims = [
+        (
+            "OPD can learn from a single prompt (dense per-token signal)",
+            "one prompt, 20 steps x 256 rollouts, reaches the teacher's performance",
+            f"{_pct(r['before'])} -> {_pct(r['after'])} held-out (teacher {_pct(r['teacher_accuracy'])}), "
+            f"{r['steps']} x {r['rollouts_per_step']}",
+        )
+    ]
+    return text, claims
+
+
+def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (method, m) in enumerate(r["methods"].items()):
+        label = {"sft": "SFT on its own samples", "opd": "OPD against itself"}[method]
+        a1.plot([c[0] for c in m["curve"]], [c[1] for c in m["curve"]], f"C{i}o-", label=label)
+        a2.plot([c[0] for c in m["curve"]], [c[2] for c in m["curve"]], f"C{i}o-", label=label)
+    a1.set_ylabel("held-out accuracy (greedy)")
+    a2.set_ylabel("reverse KL to the starting model (per token)")
+    for ax in (a1, a2):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(root / "self_distill.png", dpi=110)
+    plt.close(fig)
+    sft, opd = r["methods"]["sft"], r["methods"]["opd"]
+    text = "\n".join(
+        [
+            "## self-distill: the starting model as its own teacher",
+            "",
+            f"Start {_pct(r['start_accuracy'])}; {r['steps']} steps at lr {r['lr']}: SFT on its "
+            f"own samples ends at {_pct(sft['final_accuracy'])} with KL {sft['final_kl']:.4f} to "
+            f"the start; OPD against itself ends at {_pct(opd['final_accuracy'])} with KL "
+            f"{opd['final_kl']:.4f}.",
+            "",
+            "![self-distillation](self_distill.png)",
+            "",
+        ]
+    )
+    claims = [
+        (
+            "SFT on a model's own samples drifts; OPD against the earlier model stays anchored",
+            "SFT on self-generated data degrades; OPD with the original model as teacher recovers",
+            f"SFT: {_pct(r['start_accuracy'])} -> {_pct(sft['final_accuracy'])}, KL "
+            f"{sft['final_kl']:.4f}; OPD: -> {_pct(opd['final_accuracy'])}, KL {opd['final_kl']:.4f}",
+        )
+    ]
+    return text, claims
+
+
+SECTIONS = {"math": _math, "single-prompt": _single, "self-distill": _self}
+
+
+def experiment_section(result: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
+    kind = result.get("experiment")
+    if kind not in SECTIONS:
+        raise OpdError(f"{root}/results.json: unknown experiment {kind!r}")
+    return SECTIONS[kind](result, root)
+
+
+def write_report(dirs: list[str], out: str | None = None) -> Path:
+    """One markdown file: the claims table, then each experiment's section (plots linked)."""
+    sections, claims = [], []
+    for d in dirs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise OpdError(f"{d}: no results.json (run `opd experiment NAME --out {d}` first)")
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise OpdError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        text, rows = experiment_section(result, Path(d))
+        base = Path(out).parent if out else Path(dirs[0])
+        rel = os.path.relpath(Path(d).resolve(), base.resolve())
+        sections.append(text.replace("](", f"]({rel}/") if rel != "." else text)
+        claims += rows
+    table = ["| blog claim | blog figure | ours |", "|---|---|---|"]
+    table += [f"| {a} | {b} | {c} |" for a, b, c in claims]
+    doc = "# opd: the blog's claims beside our measurements\n\n" + "\n".join(table) + "\n\n"
+    doc += "\n".join(sections)
+    dest = Path(out) if out else Path(dirs[0]) / "report.md"
+    dest.write_text(doc)
+    return dest
