@@ -39,6 +39,7 @@ class ExperimentSettings:
     target_share: float = 0.95  # of the teacher's accuracy
     single_steps: int = 20
     single_rollouts: int = 256
+    single_lr: float = 3e-5  # 3e-4 over-fits the one prompt: 60.5% -> 15.5% held-out
     self_steps: int = 100
     self_lr: float = 1e-3
     self_every: int = 20
@@ -186,7 +187,7 @@ def run_single_prompt(st: Stages, x: ExperimentSettings, out: Path, quiet: bool,
             "run.save_every": x.single_steps,
             "data.batch_prompts": 1,
             "sampling.group_size": x.single_rollouts,
-            "optim.lr": x.lr,
+            "optim.lr": x.single_lr,
             "eval.every": max(1, x.single_steps // 4),
             "run.preflight": False,
         },
@@ -199,6 +200,7 @@ def run_single_prompt(st: Stages, x: ExperimentSettings, out: Path, quiet: bool,
         "prompt": json.loads(one.read_text())["prompt"],
         "steps": x.single_steps,
         "rollouts_per_step": x.single_rollouts,
+        "lr": x.single_lr,
         "teacher_accuracy": st.teacher_acc,
         "before": curve[0][2],
         "after": curve[-1][2],

@@ -127,7 +127,8 @@ def _single(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         [
             "## single-prompt: on-policy distillation on one training prompt",
             "",
-            f"Prompt `{r['prompt']}`, {r['steps']} steps x {r['rollouts_per_step']} rollouts: "
+            f"Prompt `{r['prompt']}`, {r['steps']} steps x {r['rollouts_per_step']} rollouts, lr "
+            f"{r.get('lr')}: "
             f"held-out accuracy {_pct(r['before'])} -> {_pct(r['after'])} "
             f"(teacher {_pct(r['teacher_accuracy'])}).",
             "",
@@ -138,7 +139,7 @@ def _single(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     claims = [
         (
             "OPD can learn from a single prompt (dense per-token signal)",
-            "one prompt, 20 steps x 256 rollouts, reaches the teacher's performance",
+            "20 steps x 256 rollouts of one prompt move the student toward the teacher",
             f"{_pct(r['before'])} -> {_pct(r['after'])} held-out (teacher {_pct(r['teacher_accuracy'])}), "
             f"{r['steps']} x {r['rollouts_per_step']}",
         )
@@ -179,7 +180,7 @@ def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     claims = [
         (
             "SFT on a model's own samples drifts; OPD against the earlier model stays anchored",
-            "SFT on self-generated data degrades; OPD with the original model as teacher recovers",
+            "SFT on its own samples degrades the model; OPD against the earlier model does not",
             f"SFT: {_pct(r['start_accuracy'])} -> {_pct(sft['final_accuracy'])}, KL "
             f"{sft['final_kl']:.4f}; OPD: -> {_pct(opd['final_accuracy'])}, KL {opd['final_kl']:.4f}",
         )
