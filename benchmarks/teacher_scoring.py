@@ -101,6 +101,18 @@ def stop(proc) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def measure_served(url: str, label: str, work: Rollouts, want: torch.Tensor) -> list:
+    """The same work as one request of 64 rows, and as 4 requests of 16 in flight together."""
+    out = []
+    for rows, in_flight in ((64, 1), (16, 4)):
+        client = ServedTeacher(url, batch_rows=rows, concurrency=in_flight)
+        assert torch.allclose(client.score(work), want, atol=1e-4)
+        name = f"{label} ({ROWS // rows} x {rows} rows, {in_flight} in flight)"
+        out.append((name, timed(lambda c=client: c.score(work))))
+        client.close()
+    return out
+
+
 def main() -> None:
     torch.set_num_threads(2)
     tok = tiny.char_tokenizer()
@@ -120,14 +132,8 @@ def main() -> None:
             f"http://127.0.0.1:{port}/health",
         )
         try:
-            for rows, conc in ((64, 1), (16, 4)):
-                client = ServedTeacher(
-                    f"http://127.0.0.1:{port}/v1", batch_rows=rows, concurrency=conc
-                )
-                assert torch.allclose(client.score(work), want, atol=1e-4)
-                name = f"opd serve-teacher ({ROWS // rows} x {rows} rows, {conc} in flight)"
-                results.append((name, timed(lambda c=client: c.score(work))))
-                client.close()
+            url = f"http://127.0.0.1:{port}/v1"
+            results += measure_served(url, "opd serve-teacher", work, want)
         finally:
             stop(proc)
 
@@ -141,14 +147,8 @@ def main() -> None:
             cmd += ["--max-logprobs", "20", "--enforce-eager", "--served-model-name", "teacher"]
             proc = serve(cmd, f"http://127.0.0.1:{port}/health", env)
             try:
-                for rows, conc in ((64, 1), (16, 4)):
-                    client = ServedTeacher(
-                        f"http://127.0.0.1:{port}/v1", batch_rows=rows, concurrency=conc
-                    )
-                    assert torch.allclose(client.score(work), want, atol=1e-4)
-                    name = f"vLLM {'cpu'} ({ROWS // rows} x {rows} rows, {conc} in flight)"
-                    results.append((name, timed(lambda c=client: c.score(work))))
-                    client.close()
+                url = f"http://127.0.0.1:{port}/v1"
+                results += measure_served(url, "vLLM cpu", work, want)
             finally:
                 stop(proc)
         else:

@@ -23,6 +23,18 @@ def words(n: int, seed: int = WORDS_SEED) -> list[str]:
     return ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(n)]
 
 
+def assert_same_topk(batch, a, b, atol: float) -> None:
+    """Two backends' (lp, ids, lp_k) top-k of every completion position hold the same entries."""
+    _, ids_a, lpk_a = a
+    _, ids_b, lpk_b = b
+    for r, c in batch.completion_mask_BT.nonzero().tolist():
+        got = dict(zip(ids_a[r, c].tolist(), lpk_a[r, c].tolist(), strict=True))
+        want = dict(zip(ids_b[r, c].tolist(), lpk_b[r, c].tolist(), strict=True))
+        got.pop(-1, None), want.pop(-1, None)  # padding
+        assert got.keys() == want.keys()
+        assert all(abs(got[i] - want[i]) <= atol for i in got)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

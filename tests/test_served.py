@@ -24,6 +24,7 @@ from opd.serve import TeacherScorer, create_app
 from opd.teachers.local import LocalTeacher
 from opd.teachers.served import ServedTeacher
 
+from .conftest import assert_same_topk
 from .test_cli import distill_args, run_cli
 
 
@@ -83,15 +84,7 @@ def test_served_log_probs_equal_in_process(server, teacher, batch):
     lp_s, ids_s, lpk_s = served.score_topk(batch, 3)
     lp_l, ids_l, lpk_l = local.score_topk(batch, 3)
     torch.testing.assert_close(lp_s, lp_l, atol=1e-5, rtol=0)
-    for b, c in batch.completion_mask_BT.nonzero().tolist():
-        got = {
-            i: v for i, v in zip(ids_s[b, c].tolist(), lpk_s[b, c].tolist(), strict=True) if i >= 0
-        }
-        want = {
-            i: v for i, v in zip(ids_l[b, c].tolist(), lpk_l[b, c].tolist(), strict=True) if i >= 0
-        }
-        assert got.keys() == want.keys()
-        assert all(abs(got[i] - want[i]) < 1e-5 for i in got)
+    assert_same_topk(batch, (lp_s, ids_s, lpk_s), (lp_l, ids_l, lpk_l), 1e-5)
     served.close()
 
 
@@ -293,3 +286,57 @@ def test_config_rejects_bad_remote_and_loss_values():
     ]:
         with pytest.raises(OpdError, match=words):
             build_config(None, base | {key: value}, [])
+
+
+class FakeSGLang:
+    """SGLang's native /generate as its docs describe it, answered by the in-process scorer:
+    `meta_info.input_token_logprobs` = [[logprob, id, text], ...] with a null logprob first,
+    `input_top_logprobs` = per position a list of [logprob, id, text] (null first)."""
+
+    def __init__(self, scorer):
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.paths.append(self.path)
+                rows, k = body["input_ids"], body["top_logprobs_num"]
+                out = []
+                for entries, _ in scorer.score(rows, [k] * len(rows)):
+                    tokens = [[None, rows[len(out)][0], None]]
+                    tops = [None]
+                    for j in range(1, len(entries)):
+                        actual = str(rows[len(out)][j])
+                        tokens.append([entries[j][actual]["logprob"], int(actual), None])
+                        ranked = sorted(entries[j].items(), key=lambda kv: kv[1]["rank"])[:k]
+                        tops.append([[v["logprob"], int(t), None] for t, v in ranked])
+                    meta = {"input_token_logprobs": tokens, "input_top_logprobs": tops}
+                    out.append({"text": "", "meta_info": meta})
+                content = json.dumps(out).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+        self.paths = []
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_sglang_native_api(teacher, batch):
+    model, tok = teacher
+    fake = FakeSGLang(TeacherScorer(model, tok))
+    try:
+        served = ServedTeacher(fake.url, api="sglang", batch_rows=5)
+        local = LocalTeacher(model, len(tok))
+        torch.testing.assert_close(served.score(batch), local.score(batch), atol=1e-5, rtol=0)
+        assert_same_topk(batch, served.score_topk(batch, 3), local.score_topk(batch, 3), 1e-5)
+        assert set(fake.paths) == {"/generate"}
+        served.close()
+    finally:
+        fake.httpd.shutdown()

@@ -21,7 +21,7 @@ import torch
 
 from opd import tiny
 
-from .conftest import words
+from .conftest import assert_same_topk, words
 from .vllm_server import SERVED_NAME, post_json, serve_vllm, venv_problem, vllm_venv
 
 pytestmark = pytest.mark.vllm
@@ -222,16 +222,8 @@ def test_served_teacher_backend_matches_in_process(teacher, student_setup):
     local = LocalTeacher(ref, len(tok))
     torch.testing.assert_close(served.score(batch), local.score(batch), atol=ATOL, rtol=0)
     lp_s, ids_s, lpk_s = served.score_topk(batch, 5)
-    _, ids_l, lpk_l = local.score_topk(batch, 5)
-    for b, c in batch.completion_mask_BT.nonzero().tolist():
-        got = {
-            i: v for i, v in zip(ids_s[b, c].tolist(), lpk_s[b, c].tolist(), strict=True) if i >= 0
-        }
-        want = {
-            i: v for i, v in zip(ids_l[b, c].tolist(), lpk_l[b, c].tolist(), strict=True) if i >= 0
-        }
-        assert got.keys() == want.keys()
-        assert all(abs(got[i] - want[i]) <= ATOL for i in got)
+    lp_l, ids_l, lpk_l = local.score_topk(batch, 5)
+    assert_same_topk(batch, (lp_s, ids_s, lpk_s), (lp_l, ids_l, lpk_l), ATOL)
     served.close()
 
 
