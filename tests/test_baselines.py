@@ -149,3 +149,12 @@ def test_ledger_totals_survive_resume(models, prompts_file, tmp_path):
     split = run(tmp_path / "split", 4)  # resumes at step 2
     assert [r["flops/total"] for r in split] == [r["flops/total"] for r in whole]
     assert whole[-1]["flops/total"] == sum(r["flops/step"] for r in whole)
+
+
+def test_ledger_resumes_from_a_checkpoint_without_one():
+    from opd.flops import Ledger
+
+    ledger = Ledger()
+    ledger.load_state_dict({})  # written by an opd without the ledger, or at a step-0 stop
+    ledger.add("train", 6.0)
+    assert ledger.step_metrics()["flops/total"] == 6.0

@@ -100,6 +100,7 @@ def test_serve_teacher_answers_bad_requests_with_the_reason(server, teacher):
         ({"prompt": [[1, 2]] * 65}, 400, "at most 64"),
         ({"prompt": [[1] * 300]}, 400, "context"),
         ({"max_tokens": 5}, 400, "max_tokens"),
+        ({"model": "teacher", "prompt": "x"}, 400, "token ids"),
     ]
     with httpx.Client() as client:
         good = client.post(f"{server}/completions", json=ok)
@@ -111,6 +112,7 @@ def test_serve_teacher_answers_bad_requests_with_the_reason(server, teacher):
             assert r.status_code == code, change
             assert words in r.json()["error"]["message"], change
         assert client.get(f"{server}/models").json()["data"][0]["id"] == "teacher"
+
     with pytest.raises(OpdError, match=r"HTTP 400: .*max-logprobs"):
         ServedTeacher(server).score_topk(_one_row(), 6)
 
@@ -276,6 +278,13 @@ def test_run_stops_with_one_line_and_resumes_after_the_server_recovers(
     assert steps[-1] == 4
 
 
+def test_bad_urls_and_unreachable_servers_are_one_line_errors():
+    with pytest.raises(OpdError, match="is not valid"):
+        ServedTeacher("http://host:80a/v1")
+    with pytest.raises(OpdError, match=r"failed 1 times; last: connection failed"):
+        ServedTeacher(f"http://127.0.0.1:{free_port()}/v1", retries=0)
+
+
 def test_config_rejects_bad_remote_and_loss_values():
     base = {"model.student": "s", "model.teacher": "t", "data.prompts": "p", "run.out": "o"}
     for key, value, words in [
@@ -286,6 +295,14 @@ def test_config_rejects_bad_remote_and_loss_values():
     ]:
         with pytest.raises(OpdError, match=words):
             build_config(None, base | {key: value}, [])
+    with pytest.raises(OpdError, match="sampling.group_size=1: must be >= 2"):
+        build_config(None, base | {"objective.kind": "rl", "sampling.group_size": "1"}, [])
+
+
+def test_scorer_with_k_above_the_vocabulary_returns_all_of_it(teacher):
+    model, tok = teacher
+    ((entries, _),) = TeacherScorer(model, tok).score([[1, 5, 6]], [len(tok) + 10])
+    assert entries[0] is None and all(len(e) == len(tok) for e in entries[1:])
 
 
 class FakeSGLang:

@@ -340,6 +340,17 @@ def validate(cfg: Config) -> None:
     _check(0 <= r.seed < 2**31, "run.seed", r.seed, "in [0, 2**31)")
     _check(o.kind in ("opd", "sft", "rl"), "objective.kind", o.kind, "'opd', 'sft' or 'rl'")
     _check(o.reward_coef >= 0, "objective.reward_coef", o.reward_coef, ">= 0")
+    if o.reward_coef > 0:
+        _check(
+            o.kind == "opd", "objective.reward_coef", o.reward_coef, "0 unless objective.kind=opd"
+        )
+    if o.kind == "rl":
+        _check(
+            s.group_size >= 2,
+            "sampling.group_size",
+            s.group_size,
+            ">= 2 for objective.kind=rl (rewards are centred within each prompt's group)",
+        )
     _check(
         o.loss in ("sampled", "topk", "full", "jsd"),
         "objective.loss",

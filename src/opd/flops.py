@@ -183,5 +183,6 @@ class Ledger:
     def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
         self.step_flops = {k: float(v) for k, v in state.get("step_flops", {}).items()}
         self.step_seconds = {k: float(v) for k, v in state.get("step_seconds", {}).items()}
-        self.total_flops = {k: float(v) for k, v in state["total_flops"].items()}
-        self.total_seconds = {k: float(v) for k, v in state["total_seconds"].items()}
+        # a checkpoint written before the ledger existed has none: start from zero
+        self.total_flops = {k: float(v) for k, v in state.get("total_flops", {}).items()}
+        self.total_seconds = {k: float(v) for k, v in state.get("total_seconds", {}).items()}

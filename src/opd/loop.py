@@ -363,10 +363,18 @@ def distill(cfg: Config, force: bool = False) -> Path:
         out = Path(cfg.run.out)
         ckpt_root = out / "checkpoints"
         parts = setup_run(cfg, ctx)  # every input is checked before anything is written
-        if parts.teacher is not None and cfg.run.preflight and ctx.is_main:
+        if parts.teacher is not None and cfg.run.preflight:
             from opd.preflight import check_before_run
 
-            check_before_run(parts)
+            problem = ""
+            if ctx.is_main:
+                try:
+                    check_before_run(parts)
+                except OpdError as e:
+                    problem = str(e)
+            # every rank stops together (a lone rank would wait at the next barrier)
+            if ctx.max([float(bool(problem))])[0] > 0:
+                raise OpdError(problem or "preflight failed on rank 0")
         if ctx.is_main:
             check_out(out, cfg, force)
             checkpoint.clean_partial(ckpt_root)
@@ -399,7 +407,7 @@ def distill(cfg: Config, force: bool = False) -> Path:
                     0,
                     parts.student,
                     parts.optimizer,
-                    {"data_cursor": 0, "stopped": True},
+                    {"data_cursor": 0, "stopped": True, "flops": parts.ledger.state_dict()},
                     cfg.run.keep_checkpoints,
                 )
             ctx.barrier()
@@ -547,6 +555,8 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
         )
     models = [student, *local]
     limits = [n for n in map(context_length, models) if n]
+    # a served teacher must also fit the whole row plus the one token vLLM insists on making
+    limits += [t.max_len - 1 for t in teachers.values() if getattr(t, "max_len", None)]
     from_data = cfg.objective.kind == "sft" and teacher_model is None
     prompts = read_prompts(
         cfg.data.prompts,
@@ -654,7 +664,10 @@ def load_teachers(cfg: Config, tokenizer, student, ctx: DistContext):
     vocab_size = min(len(tokenizer), output_vocab(student))
     api_key = m.teacher_api_key or os.environ.get("OPD_TEACHER_API_KEY", "")
     teachers = {}
-    for name, spec in teacher_specs(m.teacher, m.teachers).items():
+    specs = teacher_specs(m.teacher, m.teachers)
+    if cfg.objective.kind != "opd":  # rl uses no teacher; sft samples from the default one
+        specs = {DEFAULT: m.teacher} if cfg.objective.kind == "sft" and m.teacher else {}
+    for name, spec in specs.items():
         what = "model.teacher" if name == DEFAULT else f"model.teachers[{name}]"
         if is_url(spec):
             teachers[name] = ServedTeacher(

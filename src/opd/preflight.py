@@ -36,6 +36,8 @@ def self_kl_local(model, tokenizer, vocab_size: int, prompts, max_new_tokens: in
 
 def self_kl_served(teacher: ServedTeacher, prompts, max_new_tokens: int) -> float | None:
     """The same check through the server: None when the server does not sample."""
+    if teacher.api != "vllm":
+        return None
     payload = {
         "model": teacher.model,
         "prompt": [p.ids for p in prompts],
@@ -71,7 +73,8 @@ def self_kl_served(teacher: ServedTeacher, prompts, max_new_tokens: int) -> floa
 
 def start_kl(student_sampler, router: TeacherRouter, prompts, names: list[str]) -> dict[str, float]:
     """Per teacher: reverse KL per token of the student's samples (what step 1 starts from)."""
-    batch = student_sampler.sample(prompts, 2, torch.Generator().manual_seed(0))
+    device = next(student_sampler.model.parameters()).device
+    batch = student_sampler.sample(prompts, 2, torch.Generator(device=device).manual_seed(0))
     names_B = router.names(batch, names)
     teacher_lp = router.score(batch, names_B)
     kl_B = ((batch.sampler_lp_BT - teacher_lp) * batch.completion_mask_BT).sum(-1)
@@ -168,6 +171,8 @@ def check_command(student: str, teacher: str, prompts: str | None, overrides: li
             "data.overlong": "skip",
         }
         cfg = build_config(None, flags, overrides)
+        if cfg.objective.kind != "opd":
+            raise OpdError("opd check checks a distillation set-up: drop objective.kind")
         parts = setup_run(cfg, DistContext())
         try:
             rows += run_preflight(parts)

@@ -79,6 +79,7 @@ class TeacherScorer:
         lp_prev = lp_TV[:-1]  # position j-1 predicts token j
         actual = lp_prev.gather(-1, target[:, None]).squeeze(-1)
         rank = (lp_prev > actual[:, None]).sum(-1) + 1
+        k = min(k, lp_prev.shape[-1])  # a vocabulary smaller than k: all of it
         if k:
             top_lp, top_id = lp_prev.topk(k, dim=-1)
             top_lp, top_id = top_lp.tolist(), top_id.tolist()
@@ -149,6 +150,7 @@ def create_app(
         task = asyncio.create_task(batcher())
         yield
         task.cancel()
+        executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="opd teacher", docs_url=None, redoc_url=None, lifespan=lifespan)
 

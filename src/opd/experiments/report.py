@@ -209,7 +209,14 @@ def write_report(dirs: list[str], out: str | None = None) -> Path:
             result = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise OpdError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        text, rows = experiment_section(result, Path(d))
+        if not isinstance(result, dict):
+            raise OpdError(f"{path}: not an experiment's results (a JSON object)")
+        try:
+            text, rows = experiment_section(result, Path(d))
+        except (KeyError, TypeError, IndexError) as e:
+            raise OpdError(
+                f"{path}: missing or malformed field ({type(e).__name__}: {e})"
+            ) from None
         base = Path(out).parent if out else Path(dirs[0])
         rel = os.path.relpath(Path(d).resolve(), base.resolve())
         sections.append(text.replace("](", f"]({rel}/") if rel != "." else text)
@@ -219,5 +226,8 @@ def write_report(dirs: list[str], out: str | None = None) -> Path:
     doc = "# opd: the blog's claims beside our measurements\n\n" + "\n".join(table) + "\n\n"
     doc += "\n".join(sections)
     dest = Path(out) if out else Path(dirs[0]) / "report.md"
-    dest.write_text(doc)
+    try:
+        dest.write_text(doc)
+    except OSError as e:
+        raise OpdError(f"--out {dest}: cannot write there ({e.strerror})") from None
     return dest

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import torch
 
+from opd.divergences import LOGP_FLOOR
 from opd.errors import OpdError
 from opd.types import Rollouts
 
@@ -49,6 +50,11 @@ class ServedTeacher:
         transport: httpx.BaseTransport | None = None,
     ):
         self.url = url.rstrip("/")
+        try:
+            httpx.URL(self.url)
+        except httpx.InvalidURL as e:
+            raise OpdError(f"teacher URL {url!r} is not valid ({e})") from None
+        self.max_len = None  # the server's context, when it says
         self.api = api
         self.retries = retries
         self.backoff = backoff
@@ -62,7 +68,11 @@ class ServedTeacher:
             limits=httpx.Limits(max_connections=max(concurrency, 1)),
         )
         self.pool = ThreadPoolExecutor(max(concurrency, 1), thread_name_prefix="opd-teacher")
-        self.model = model or (self._discover_model() if api == "vllm" else "")
+        try:
+            self.model = model or (self._discover_model() if api == "vllm" else "")
+        except OpdError:
+            self.close()
+            raise
 
     # -- the Teacher protocol -------------------------------------------------------------
 
@@ -115,7 +125,8 @@ class ServedTeacher:
         body = self._call("GET", f"{self.url}/models", None, "listing models")
         try:
             names = [m["id"] for m in body["data"]]
-        except (KeyError, TypeError):
+            self.max_len = body["data"][0].get("max_model_len") if len(names) == 1 else None
+        except (KeyError, TypeError, AttributeError):
             raise OpdError(f"teacher {self.url}: /models did not return a model list") from None
         if len(names) != 1:
             raise OpdError(
@@ -165,8 +176,8 @@ class ServedTeacher:
             try:
                 body = response.json()
                 return body if rows is None else self._parse(body, rows, k)
-            except (ValueError, _Retryable) as e:
-                last = f"malformed response ({e})"
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError, _Retryable) as e:
+                last = f"malformed response ({type(e).__name__}: {e})"
                 continue
         raise OpdError(f"teacher {self.url}: {what} failed {self.retries + 1} times; last: {last}")
 
@@ -232,7 +243,7 @@ def _logprob(value) -> float:
     lp = value.get("logprob") if isinstance(value, dict) else value
     if not isinstance(lp, (int, float)) or isinstance(lp, bool) or math.isnan(lp) or lp > 1e-4:
         raise _Retryable(f"log-prob {lp!r} is not a number <= 0")
-    return float(lp)
+    return max(float(lp), LOGP_FLOOR)  # -inf (a masked token) would make the advantage infinite
 
 
 def _detail(response: httpx.Response) -> str:
