@@ -324,10 +324,6 @@ def run_demo(
         print(f"[{time.time() - t_start:6.1f} s] {msg}", flush=True)
 
     st = prepare(s, seed, cache_dir, quiet, log)
-    common, teacher, sft, prompt_only = st.common, st.teacher, st.sft, st.prompts
-    teacher_acc, sft_acc, sft_steps = st.teacher_acc, st.sft_acc, st.sft_steps
-    teacher_seconds, sft_seconds = st.teacher_seconds, st.sft_seconds
-    teacher_cached, sft_cached = st.teacher_cached, st.sft_cached
 
     # 3. On-policy distillation from the SFT checkpoint (always run: it is the demonstration).
     log(
@@ -338,10 +334,10 @@ def run_demo(
     opd_out = root / "opd"
     _stage(
         {
-            **common,
-            "model.student": str(sft),
-            "model.teacher": str(teacher),
-            "data.prompts": str(prompt_only),
+            **st.common,
+            "model.student": str(st.sft),
+            "model.teacher": str(st.teacher),
+            "data.prompts": str(st.prompts),
             "run.out": str(opd_out),
             "run.steps": s.opd_steps,
             "data.batch_prompts": s.opd_prompts,
@@ -362,20 +358,20 @@ def run_demo(
 
     result = {
         "teacher": {
-            "accuracy": teacher_acc,
-            "params": _params(teacher),
+            "accuracy": st.teacher_acc,
+            "params": _params(st.teacher),
             "steps": s.teacher_steps,
-            "seconds": round(teacher_seconds, 1),
-            "cached": teacher_cached,
-            "path": str(teacher),
+            "seconds": round(st.teacher_seconds, 1),
+            "cached": st.teacher_cached,
+            "path": str(st.teacher),
         },
         "sft": {
-            "accuracy": sft_acc,
-            "steps": sft_steps,
-            "params": _params(sft),
-            "seconds": round(sft_seconds, 1),
-            "cached": sft_cached,
-            "path": str(sft),
+            "accuracy": st.sft_acc,
+            "steps": st.sft_steps,
+            "params": _params(st.sft),
+            "seconds": round(st.sft_seconds, 1),
+            "cached": st.sft_cached,
+            "path": str(st.sft),
         },
         "opd": {
             "accuracy": opd_acc,
@@ -393,7 +389,7 @@ def run_demo(
         "seed": seed,
     }
     (root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    _plots(root, curve, kl, teacher_acc, sft_acc)
+    _plots(root, curve, kl, st.teacher_acc, st.sft_acc)
     table = _table(result)
     (root / "report.md").write_text(_report(result, table))
     print()
