@@ -101,14 +101,15 @@ class ServedTeacher:
         mask_BT = rollouts.completion_mask_BT.cpu()
         first_B = first_real_column(rollouts.attention_mask_BT).tolist()
         for b, (lps, tops) in enumerate(per_row):
-            cols = mask_BT[b].nonzero().flatten().tolist()
-            for c in cols:
-                j = c - first_B[b]  # index of this token in the row sent to the server
-                lp_BT[b, c] = lps[j]
-                if k:
-                    entries = tops[j][: k + 1]
-                    ids_BTK[b, c, : len(entries)] = torch.tensor([e[0] for e in entries])
-                    lpk_BTK[b, c, : len(entries)] = torch.tensor([e[1] for e in entries])
+            cols_C = mask_BT[b].nonzero().flatten()
+            j_C = cols_C - first_B[b]  # index of each completion token in the row sent
+            lp_BT[b, cols_C] = torch.tensor(lps)[j_C]
+            if k and len(cols_C):  # one tensor per row: entries padded to k + 1
+                tops_C = [tops[j][: k + 1] for j in j_C.tolist()]
+                pad = [[(-1, -math.inf)] * (k + 1 - len(t)) for t in tops_C]
+                rows_C = [t + p for t, p in zip(tops_C, pad, strict=True)]
+                ids_BTK[b, cols_C] = torch.tensor([[e[0] for e in r] for r in rows_C])
+                lpk_BTK[b, cols_C] = torch.tensor([[e[1] for e in r] for r in rows_C])
         device = rollouts.tokens_BT.device
         if k:
             return lp_BT.to(device), ids_BTK.to(device), lpk_BTK.to(device)
