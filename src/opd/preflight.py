@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from opd.distributed import DistContext
 from opd.errors import OpdError
+from opd.loop import per_teacher_kl
 from opd.samplers import make_sampler
 from opd.teachers import TeacherRouter
 from opd.teachers.served import ServedTeacher, _Retryable
@@ -23,15 +25,23 @@ from opd.teachers.served import ServedTeacher, _Retryable
 SELF_KL_LIMIT = {"float32": 1e-3, "bfloat16": 5e-2}
 
 
-def self_kl_local(model, tokenizer, vocab_size: int, prompts, max_new_tokens: int) -> float:
-    """Mean |sampler - scorer| log-prob of the teacher's own temperature-1 samples."""
+def own_sample_gaps(
+    model, tokenizer, vocab_size: int, prompts, max_new_tokens: int, scorer, group: int
+) -> torch.Tensor:
+    """logp_sampler - logp_scorer of every token `model` samples (temperature 1) for `prompts`,
+    `scorer` an in-process model: their mean is the reverse KL from `model` to `scorer`."""
     from opd.teachers.local import LocalTeacher
 
     sampler = make_sampler(model, tokenizer, vocab_size, max_new_tokens)
-    batch = sampler.sample(prompts, 2, torch.Generator(device=model.device).manual_seed(0))
-    scored = LocalTeacher(model, vocab_size).score(batch)
-    mask = batch.completion_mask_BT
-    return float((batch.sampler_lp_BT - scored)[mask].abs().mean())
+    batch = sampler.sample(prompts, group, torch.Generator(device=model.device).manual_seed(0))
+    scored = LocalTeacher(scorer, vocab_size).score(batch)
+    return (batch.sampler_lp_BT - scored)[batch.completion_mask_BT]
+
+
+def self_kl_local(model, tokenizer, vocab_size: int, prompts, max_new_tokens: int) -> float:
+    """Mean |sampler - scorer| log-prob of the teacher's own temperature-1 samples."""
+    gaps = own_sample_gaps(model, tokenizer, vocab_size, prompts, max_new_tokens, model, 2)
+    return float(gaps.abs().mean())
 
 
 def self_kl_served(teacher: ServedTeacher, prompts, max_new_tokens: int) -> float | None:
@@ -76,13 +86,9 @@ def start_kl(student_sampler, router: TeacherRouter, prompts, names: list[str]) 
     device = next(student_sampler.model.parameters()).device
     batch = student_sampler.sample(prompts, 2, torch.Generator(device=device).manual_seed(0))
     names_B = router.names(batch, names)
-    teacher_lp = router.score(batch, names_B)
-    kl_B = ((batch.sampler_lp_BT - teacher_lp) * batch.completion_mask_BT).sum(-1)
-    tokens_B = batch.completion_mask_BT.sum(-1)
-    out = {}
-    for name, rows in router.groups(names_B).items():
-        out[name] = float(kl_B[rows].sum() / tokens_B[rows].sum().clamp(min=1))
-    return out
+    batch.teacher_lp_BT = router.score(batch, names_B)
+    kl = per_teacher_kl(batch, names_B, sorted(router.teachers), DistContext())
+    return {key.removeprefix("teacher/kl/"): value for key, value in kl.items()}
 
 
 def run_preflight(parts, n_prompts: int = 4) -> list[tuple[str, str, str]]:
@@ -140,7 +146,6 @@ def check_command(student: str, teacher: str, prompts: str | None, overrides: li
     from pathlib import Path
 
     from opd.config import build_config
-    from opd.distributed import DistContext
     from opd.loop import setup_run
     from opd.models import load_model, load_tokenizer, output_vocab
     from opd.teachers import is_url

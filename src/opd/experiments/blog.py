@@ -20,8 +20,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
 from opd.experiments.demo import EXTRACTOR, PRESETS, Stages, _stage, prepare
 
 
@@ -254,19 +252,14 @@ def _accuracy_and_kl(model_dir: Path, st: Stages) -> tuple[float, float]:
     from opd.data import load_prompts
     from opd.evaluate import evaluate
     from opd.models import load_model, load_tokenizer
-    from opd.samplers import make_sampler
-    from opd.teachers.local import LocalTeacher
+    from opd.preflight import own_sample_gaps
 
     acc = evaluate(str(model_dir), str(st.test), max_new_tokens=st.max_new, extractor=EXTRACTOR)
     tok = load_tokenizer(str(model_dir))
     model, start = load_model(str(model_dir)).eval(), load_model(str(st.sft)).eval()
     prompts, _ = load_prompts(str(st.test), tok)
-    batch = make_sampler(model, tok, len(tok), st.max_new).sample(
-        prompts, 1, torch.Generator().manual_seed(0)
-    )
-    start_lp = LocalTeacher(start, len(tok)).score(batch)
-    mask = batch.completion_mask_BT
-    kl = float((batch.sampler_lp_BT - start_lp)[mask].sum() / mask.sum())
+    gaps = own_sample_gaps(model, tok, len(tok), prompts, st.max_new, start, 1)
+    kl = float(gaps.mean())
     return acc["accuracy"], kl
 
 
