@@ -96,3 +96,26 @@ def test_full_vocabulary_loss_needs_in_process_teachers(models, prompts_file, tm
     )
     with pytest.raises(OpdError, match="teacher http://127.0.0.1:9/v1"):
         setup_run(cfg, DistContext())  # the server is asked for its model first: unreachable
+
+
+def test_opd_check_reports_every_check_and_fails_on_a_tokenizer_mismatch(
+    models, prompts_file, tmp_path, capsys
+):
+    from opd import tiny
+    from opd.cli import main
+
+    def check(teacher):
+        with pytest.raises(SystemExit) as e:
+            main(["check", "--student", str(models["student"]), "--teacher", str(teacher),
+                  "--prompts", str(prompts_file)])  # fmt: skip
+        return e.value.code, capsys.readouterr().out
+
+    code, out = check(models["padded"])
+    assert code == 0, out
+    for line in ("tokenizers  ", "chat templates", "embeddings", "teacher self-KL [default]"):
+        assert line in out
+    assert "rows beyond the tokenizer are padding" in out and "FAIL" not in out
+    other_tok = tiny.char_tokenizer(chars=tiny.CHARS + "#")
+    other = tiny.save(tiny.tiny_model(other_tok, hidden=32, layers=1), other_tok, tmp_path / "o")
+    code, out = check(other)
+    assert code == 1 and "tokenizers" in out and "FAIL" in out and "tokenizers differ" in out
