@@ -7,35 +7,13 @@ import sys
 
 from transformers import AutoModelForCausalLM
 
+from .test_cli import distill_args
+
 
 def test_two_process_torchrun(models, prompts_file, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "opd",
-        "distill",
-        "--student",
-        str(models["student"]),
-        "--teacher",
-        str(models["teacher"]),
-        "--prompts",
-        str(prompts_file),
-        "--out",
-        str(out),
-        "--steps",
-        "2",
-        "--batch-prompts",
-        "4",
-        "--group-size",
-        "2",
-        "--max-new-tokens",
-        "6",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "opd", *distill_args(models, prompts_file, out, 2, "--max-new-tokens", "6")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
