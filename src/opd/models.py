@@ -70,6 +70,18 @@ def check_compatible(student_tok, teacher_tok, student_model, teacher_model) -> 
     Embedding matrices may be padded beyond the tokenizer (Qwen pads 151936 -> 152064): logits
     are cut to the tokenizer's size everywhere, so padded rows never take probability mass.
     """
+    check_tokenizers(student_tok, teacher_tok)
+    vocab = len(student_tok)
+    for what, model in (("student", student_model), ("teacher", teacher_model)):
+        if output_vocab(model) < vocab:
+            raise OpdError(
+                f"{what} has {output_vocab(model)} output rows but the tokenizer has {vocab} tokens"
+            )
+    return vocab
+
+
+def check_tokenizers(student_tok, teacher_tok) -> None:
+    """The same vocabulary (token -> id) and the same BOS, EOS and UNK ids, or an OpdError."""
     sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
     if len(sv) != len(tv):
         raise OpdError(f"tokenizers differ: student has {len(sv)} tokens, teacher has {len(tv)}")
@@ -83,13 +95,6 @@ def check_compatible(student_tok, teacher_tok, student_model, teacher_model) -> 
         a, b = getattr(student_tok, name), getattr(teacher_tok, name)
         if a != b:
             raise OpdError(f"tokenizers differ: {name} is {a} for the student, {b} for the teacher")
-    vocab = len(student_tok)
-    for what, model in (("student", student_model), ("teacher", teacher_model)):
-        if output_vocab(model) < vocab:
-            raise OpdError(
-                f"{what} has {output_vocab(model)} output rows but the tokenizer has {vocab} tokens"
-            )
-    return vocab
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
