@@ -159,6 +159,27 @@ def test_topk_extreme_teacher_values_stay_finite():
     assert torch.isfinite(loss).all() and torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.5, 0.0])
+def test_masked_student_logits_give_finite_loss_and_gradient(beta):
+    """A student logit of -inf (a masked token, e.g. a banned EOS) must not turn into NaN: the
+    token adds nothing, so the loss equals the loss over the other tokens."""
+    s, t = random_logits(4)
+    s_masked = s.clone()
+    s_masked[:, 3] = -math.inf
+    s_masked.requires_grad_()
+    loss = generalized_jsd(s_masked, t, beta)
+    (g,) = torch.autograd.grad(loss.sum(), s_masked)
+    assert torch.isfinite(g).all() and (g[:, 3] == 0).all()
+    if beta == 1.0:  # reverse KL: the masked token is outside the student's support
+        keep = [i for i in range(V) if i != 3]
+        # the teacher's own distribution is over all V tokens: its log-probs, restricted
+        t_lp = torch.log_softmax(t, -1)[:, keep]
+        s_lp = torch.log_softmax(s[:, keep], -1)
+        assert torch.allclose(loss, (s_lp.exp() * (s_lp - t_lp)).sum(-1), atol=1e-6)
+    else:  # forward KL and JSD: the teacher puts mass where the student has none: large, finite
+        assert torch.isfinite(loss).all()
+
+
 def test_teacher_equal_to_student_gives_zero():
     s, _ = random_logits()
     for kind, teacher_out in [

@@ -47,8 +47,16 @@ TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Te
 
 
 def _kl(p_lp_NV: torch.Tensor, q_lp_NV: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row from log-probabilities."""
-    return (p_lp_NV.exp() * (p_lp_NV - q_lp_NV)).sum(-1)
+    """KL(p || q) per row from log-probabilities.
+
+    A token p cannot emit (log-prob -inf: a masked logit) adds 0, in value and gradient; the raw
+    0 * -inf would be NaN. q's log-probs are floored at LOGP_FLOOR, so a token q masks costs a
+    large finite amount instead of an infinite one.
+    """
+    live_NV = p_lp_NV > -math.inf
+    p_lp_NV = torch.where(live_NV, p_lp_NV, 0.0)
+    q_lp_NV = q_lp_NV.clamp(min=LOGP_FLOOR)
+    return torch.where(live_NV, p_lp_NV.exp() * (p_lp_NV - q_lp_NV), 0.0).sum(-1)
 
 
 def full_reverse_kl(
