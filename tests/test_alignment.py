@@ -7,7 +7,7 @@ import torch
 from opd.data import Prompt, pack
 from opd.models import load_model, load_tokenizer
 from opd.objectives import kl_advantages, policy_gradient_loss
-from opd.samplers.hf import HFSampler, sample_token
+from opd.samplers.hf import HFSampler, inverse_cdf_sample, sample_token
 from opd.scoring import completion_logprobs
 from opd.teachers.local import LocalTeacher
 
@@ -148,6 +148,24 @@ def test_sample_token_topk_topp_logprobs_are_renormalised():
     t, lp = sample_token(logits, g, temperature=0.5)
     p = torch.softmax(logits[0] / 0.5, -1)
     assert lp.exp().item() == pytest.approx(p[t.item()].item(), rel=1e-5)
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_skips_masked_tokens():
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.25, 0.05, 0.6, 0.0])  # zeros first, between, last
+    logp_BV = probs.log().expand(50_000, -1)
+    token_B = inverse_cdf_sample(logp_BV, torch.Generator().manual_seed(0))
+    counts = torch.bincount(token_B, minlength=len(probs))
+    assert counts[probs == 0].sum() == 0
+    live = probs > 0
+    expected = probs[live].double() * 50_000
+    chi2 = ((counts[live] - expected) ** 2 / expected).sum()
+    assert chi2 < 16.27  # chi-square, 3 degrees of freedom: exceeded by chance with p = 0.001
+    # a wide vocabulary where every row is near one-hot at a different id
+    logits_BV = torch.full((64, 32_000), -30.0)
+    target_B = torch.randperm(32_000, generator=torch.Generator().manual_seed(1))[:64]
+    logits_BV[torch.arange(64), target_B] = 30.0
+    token_B = inverse_cdf_sample(torch.log_softmax(logits_BV, -1), torch.Generator())
+    assert torch.equal(token_B, target_B)
 
 
 def test_sampler_first_token_distribution_matches_the_model(models, tok):

