@@ -36,7 +36,10 @@ def test_teacher_kl_drops_within_a_few_dozen_steps(models, prompts_file, tmp_pat
     kl = [r["teacher/kl"] for r in rows]
     first, last = sum(kl[:5]) / 5, sum(kl[-5:]) / 5
     assert first > 2.0, kl[:5]  # a random student is far from the teacher
-    assert last < 0.1 * first, (first, last)  # measured: ~4.8 -> ~0.03 on seeds 0 and 1
+    # measured over seeds 0-3 (two samplers' random streams): from ~4.5 to 0.02-0.2 on most
+    # seeds, and to 0.9-2.0 on one seed in four, which settles in a worse mode at this high lr;
+    # a student that does not learn stays at ~4.5
+    assert last < 0.5 * first, (first, last)
 
 
 @pytest.mark.parametrize("loss", ["topk", "full", "jsd"])

@@ -73,6 +73,11 @@ class SamplingConfig:
     )
     top_p: float = _f(1.0, "Nucleus sampling; < 1 renormalises the sampler log-probs (warned).")
     top_k: int = _f(0, "Top-k sampling; > 0 renormalises the sampler log-probs (warned).")
+    backend: str = _f(
+        "auto",
+        "In-process sampler: 'kv' (preallocated KV cache; Llama, Qwen2, Qwen3, Mistral), 'hf' "
+        "(the model's own forward and cache, any model) or 'auto' (kv where supported, else hf).",
+    )
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,9 @@ class ObjectiveConfig:
         0.5, "Generalized JSD beta: 0 = forward KL(teacher||student), 1 = reverse KL."
     )
     chunk_tokens: int = _f(
-        512, "Positions per chunk for the topk/full/jsd losses (bounds the logits in memory)."
+        512,
+        "Completion positions per chunk of the LM head in every loss and in teacher scoring "
+        "(bounds the logits in memory: chunk_tokens x vocabulary floats).",
     )
     clip_ratio: float = _f(
         0.0, "PPO-style clip of the importance ratio to [1-c, 1+c]; 0 turns clipping off."
@@ -314,6 +321,7 @@ def validate(cfg: Config) -> None:
     _check(s.temperature > 0, "sampling.temperature", s.temperature, "> 0")
     _check(0 < s.top_p <= 1, "sampling.top_p", s.top_p, "in (0, 1]")
     _check(s.top_k >= 0, "sampling.top_k", s.top_k, ">= 0")
+    _check(s.backend in ("auto", "kv", "hf"), "sampling.backend", s.backend, "'auto', 'kv' or 'hf'")
     _check(o.kl_coef >= 0, "objective.kl_coef", o.kl_coef, ">= 0")
     _check(0 <= o.discount <= 1, "objective.discount", o.discount, "in [0, 1]")
     _check(0 <= o.clip_ratio < 1, "objective.clip_ratio", o.clip_ratio, "in [0, 1)")

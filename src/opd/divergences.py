@@ -29,9 +29,9 @@ from collections.abc import Callable
 
 import torch
 
-from opd.errors import OpdError
+from opd.heads import check_plain_head, final_hidden
 from opd.models import inner_model
-from opd.types import Rollouts, position_ids
+from opd.types import Rollouts
 
 KINDS = ("reverse_kl", "jsd", "topk_reverse_kl")
 # A teacher log-prob of -inf (a served teacher's hard mask) would make the KL infinite; below
@@ -161,33 +161,6 @@ def divergence(
     raise ValueError(f"unknown divergence {kind!r}; expected one of {KINDS}")
 
 
-def _check_plain_head(model) -> None:
-    """Refuse models whose logits are not lm_head(final hidden state)."""
-    cfg = model.config
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(cfg, name, None)
-        if value not in (None, 1, 1.0):
-            raise OpdError(
-                f"{cfg.model_type}: {name}={value} is applied after the LM head; "
-                "divergence losses support plain linear heads only"
-            )
-
-
-def final_hidden(model, tokens_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) final-normed hidden states of a transformers causal LM's backbone.
-
-    Same inputs as scoring.completion_logprobs (positions from the attention mask), so
-    model.get_output_embeddings()(hidden) equals the model's logits.
-    """
-    out = model.get_decoder()(
-        input_ids=tokens_BT,
-        attention_mask=attention_mask_BT,
-        position_ids=position_ids(attention_mask_BT),
-        use_cache=False,
-    )
-    return out.last_hidden_state
-
-
 def local_teacher_fn(teacher, rollouts: Rollouts, vocab_size: int) -> TeacherFn:
     """A TeacherFn for an in-process teacher: its backbone runs once here under inference_mode,
     its LM head per chunk, so no (B, T, V) teacher tensor exists either.
@@ -195,7 +168,7 @@ def local_teacher_fn(teacher, rollouts: Rollouts, vocab_size: int) -> TeacherFn:
     The teacher should be in eval mode (LocalTeacher puts it there).
     """
     model = inner_model(teacher)
-    _check_plain_head(model)
+    check_plain_head(model)
     head = model.get_output_embeddings()
     device = head.weight.device
     P = rollouts.prompt_len
@@ -254,7 +227,7 @@ def divergence_loss_chunked(
     if kind not in KINDS:
         raise ValueError(f"unknown divergence {kind!r}; expected one of {KINDS}")
     model = inner_model(student)
-    _check_plain_head(model)
+    check_plain_head(model)
     head = model.get_output_embeddings()
     device = head.weight.device
     rows_N, cols_N = rollouts.completion_mask_BT.to(device).nonzero(as_tuple=True)

@@ -27,6 +27,7 @@ from opd.divergences import divergence_loss_chunked, gather_topk_fn, local_teach
 from opd.errors import OpdError
 from opd.evaluate import get_extractor, run_eval
 from opd.flops import Ledger, forward_flops, model_shape, sampling_flops, train_flops
+from opd.heads import fused_token_loss, plain_head
 from opd.metrics import MetricsLogger
 from opd.models import (
     add_lora,
@@ -204,6 +205,13 @@ def backward(p: Parts, batch, scored: dict, n_tokens) -> tuple[float, float, flo
             )
             loss_sum += loss
             continue
+        if plain_head(p.student) is not None:  # the LM head chunk by chunk, its gradient fused
+            loss, stats = token_loss_fused(p, mb, loss_kind, n_tokens)
+            ratio_sum += stats["ratio_sum"]
+            ratio_max = max(ratio_max, stats["ratio_max"])
+            loss.backward()
+            loss_sum += loss.item()
+            continue
         train_lp_BT = completion_logprobs(
             p.student, mb.tokens_BT, mb.attention_mask_BT, batch.prompt_len, p.vocab_size
         )
@@ -223,6 +231,37 @@ def backward(p: Parts, batch, scored: dict, n_tokens) -> tuple[float, float, flo
         loss.backward()
         loss_sum += loss.item()
     return loss_sum, ratio_sum, ratio_max
+
+
+def token_loss_fused(p: Parts, mb, loss_kind: str, n_tokens) -> tuple[torch.Tensor, dict]:
+    """The policy-gradient (sampled, rl) or NLL (sft) loss of a micro-batch through heads.py's
+    fused LM head: the same pure loss functions, applied to chunks of completion tokens."""
+    mask_BT = mb.completion_mask_BT
+    sampler_lp_N, adv_N = mb.sampler_lp_BT[mask_BT], None
+    if loss_kind != "sft":
+        adv_N = mb.advantages_BT[mask_BT]
+
+    def chunk_loss(lp_n: torch.Tensor, sl: slice) -> torch.Tensor:
+        ones_n = torch.ones_like(lp_n, dtype=torch.bool)
+        if adv_N is None:
+            return nll_loss(lp_n, ones_n, n_tokens)
+        clip = p.cfg.objective.clip_ratio
+        return policy_gradient_loss(lp_n, sampler_lp_N[sl], adv_N[sl], ones_n, n_tokens, clip)[0]
+
+    loss, lp_N, _ = fused_token_loss(
+        p.student,
+        mb.tokens_BT,
+        mb.attention_mask_BT,
+        mask_BT,
+        p.vocab_size,
+        chunk_loss,
+        p.cfg.objective.chunk_tokens,
+    )
+    ratio_N = torch.exp(lp_N - sampler_lp_N)
+    stats = {"ratio_sum": 0.0, "ratio_max": 0.0}
+    if adv_N is not None and ratio_N.numel():
+        stats = {"ratio_sum": ratio_N.sum().item(), "ratio_max": ratio_N.max().item()}
+    return loss, stats
 
 
 def score_metrics(p: Parts, batch, scored: dict, n_tokens, ratio_sum, ratio_max) -> dict:
@@ -606,7 +645,14 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
     else:
         source = teacher_model if cfg.objective.kind == "sft" else student
         sampler = make_sampler(
-            source, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k
+            source,
+            tokenizer,
+            vocab_size,
+            s.max_new_tokens,
+            s.temperature,
+            s.top_p,
+            s.top_k,
+            backend=s.backend,
         )
     if on_policy:
         for prompt in prompts:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from opd.heads import plain_head, score_completions
 from opd.scoring import completion_logprobs, completion_topk
 from opd.types import Rollouts
 
 
 class LocalTeacher:
-    def __init__(self, model, vocab_size: int, micro_batch_size: int = 0):
+    def __init__(self, model, vocab_size: int, micro_batch_size: int = 0, chunk: int = 512):
         self.model = model.eval()
+        self.chunk = chunk
         self.vocab_size = vocab_size
         self.micro_batch_size = micro_batch_size
 
@@ -37,6 +39,9 @@ class LocalTeacher:
                     lp_BT, ids_BTK, lp_BTK = completion_topk(*args, k)
                     ids.append(ids_BTK)
                     lpks.append(lp_BTK)
+                elif plain_head(self.model) is not None:  # no (B, T, V) logits
+                    mask_BT = mb.completion_mask_BT.to(device)
+                    lp_BT = score_completions(*args[:3], mask_BT, self.vocab_size, self.chunk)
                 else:
                     lp_BT = completion_logprobs(*args)
                 lps.append(lp_BT.float())

@@ -1,0 +1,204 @@
+"""The LM head chunk by chunk: token log-probs and token losses without a (B, T, V) tensor.
+
+With a realistic vocabulary the LM head and the softmax over it are most of a small model's
+step. The plain path (scoring.completion_logprobs) materialises (B, T, V) logits, a log-softmax
+and, under autograd, several more tensors of that size for the backward. Here:
+
+- the backbone runs once and only the hidden states that predict completion tokens are kept,
+  compacted to N real positions (no padding, no prompt columns);
+- `token_logprobs_chunked` (no gradient: teachers, checks) projects chunk_tokens positions at a
+  time and keeps only the log-prob of each position's token;
+- `fused_token_loss` (the trainer) computes a per-token loss's gradient with respect to the
+  hidden states and the head's weight inside the forward, chunk by chunk, the way fused
+  linear-cross-entropy kernels do: logits -> softmax in place -> d loss / d logits in place ->
+  two matrix multiplies. The head's FLOPs are the unfused forward + backward (2 + 4 per weight
+  and position), with one chunk of (chunk_tokens, V) floats alive at a time. The loss itself
+  stays a pure function of the token log-probs (objectives.py), differentiated by autograd on
+  N numbers, so the maths is not written twice.
+
+Supported heads: a plain `torch.nn.Linear` without bias whose logits are not scaled or
+soft-capped afterwards (`plain_head`); anything else (a LoRA-wrapped head, Gemma soft-capping)
+takes the plain path. Left out: chunking the backbone (its activations are (B, T, H), not V).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from opd.errors import OpdError
+from opd.models import inner_model
+from opd.types import position_ids
+
+POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def post_head_scaling(model) -> str | None:
+    """The config field that changes logits after the LM head, if any ('name=value')."""
+    cfg = model.config
+    for name in POST_HEAD:
+        value = getattr(cfg, name, None)
+        if value not in (None, 1, 1.0):
+            return f"{name}={value}"
+    return None
+
+
+def check_plain_head(model) -> None:
+    """Refuse models whose logits are not lm_head(final hidden state)."""
+    reason = post_head_scaling(model)
+    if reason:
+        raise OpdError(
+            f"{model.config.model_type}: {reason} is applied after the LM head; "
+            "divergence losses support plain linear heads only"
+        )
+
+
+def plain_head(model) -> torch.nn.Linear | None:
+    """The model's LM head when the chunked paths can use its weight directly, else None."""
+    model = inner_model(model)
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or post_head_scaling(model):
+        return None
+    return head
+
+
+def final_hidden(model, tokens_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) final-normed hidden states of a transformers causal LM's backbone.
+
+    Same inputs as scoring.completion_logprobs (positions from the attention mask), so
+    model.get_output_embeddings()(hidden) equals the model's logits.
+    """
+    out = model.get_decoder()(
+        input_ids=tokens_BT,
+        attention_mask=attention_mask_BT,
+        position_ids=position_ids(attention_mask_BT),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def completion_hidden(model, tokens_BT, attention_mask_BT, completion_mask_BT):
+    """Hidden states (N, H) that predict the N completion tokens, their rows/cols and ids.
+
+    The last column is never fed: no token follows it.
+    """
+    rows_N, cols_N = completion_mask_BT.nonzero(as_tuple=True)
+    hidden_BTH = final_hidden(model, tokens_BT[:, :-1], attention_mask_BT[:, :-1])
+    return hidden_BTH[rows_N, cols_N - 1], rows_N, cols_N, tokens_BT[rows_N, cols_N]
+
+
+def token_logprobs_chunked(
+    head: torch.nn.Linear,
+    hidden_NH: torch.Tensor,
+    tokens_N: torch.Tensor,
+    vocab_size: int,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """(N,) float32 log softmax(head(hidden))[token] over the first vocab_size logits, no grad."""
+    weight_VH = head.weight[:vocab_size]
+    lp_N = torch.empty(tokens_N.shape[0], dtype=torch.float32, device=hidden_NH.device)
+    with torch.no_grad():
+        for start in range(0, tokens_N.shape[0], chunk_tokens):
+            sl = slice(start, start + chunk_tokens)
+            z_nV = (hidden_NH[sl] @ weight_VH.T).float()
+            picked_n = z_nV.gather(-1, tokens_N[sl, None]).squeeze(-1)
+            max_n1 = z_nV.amax(-1, keepdim=True)
+            sum_n = z_nV.sub_(max_n1).exp_().sum(-1)  # in place: one (n, V) buffer
+            lp_N[sl] = picked_n - max_n1.squeeze(-1) - sum_n.log()
+    return lp_N
+
+
+def score_completions(model, tokens_BT, attention_mask_BT, completion_mask_BT, vocab_size, chunk):
+    """(B, T) log-probs of the completion tokens under model (0 elsewhere), no (B, T, V) tensor.
+
+    Call under torch.inference_mode; the model must have a plain_head.
+    """
+    model = inner_model(model)
+    hidden_NH, rows_N, cols_N, tokens_N = completion_hidden(
+        model, tokens_BT, attention_mask_BT, completion_mask_BT
+    )
+    lp_N = token_logprobs_chunked(plain_head(model), hidden_NH, tokens_N, vocab_size, chunk)
+    lp_BT = torch.zeros(tokens_BT.shape, dtype=torch.float32, device=tokens_BT.device)
+    lp_BT[rows_N, cols_N] = lp_N
+    return lp_BT
+
+
+# (lp_n leaf with requires_grad, slice of the N positions) -> this chunk's loss (0-d)
+ChunkLoss = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+class _FusedTokenLoss(torch.autograd.Function):
+    """loss = sum over chunks of chunk_loss(log softmax(hidden @ W.T)[token]).
+
+    Gradients for hidden and W are computed in the forward and scaled by the incoming gradient
+    in the backward. Outputs: the loss (differentiable) and the (N,) log-probs (constants).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, tokens_N, vocab_size, chunk_loss, chunk_tokens):
+        N = tokens_N.shape[0]
+        W_VH = weight_VH[:vocab_size]
+        grad_h_NH = torch.empty_like(hidden_NH)
+        grad_w_VH = torch.zeros_like(weight_VH) if ctx.needs_input_grad[1] else None
+        lp_N = torch.empty(N, dtype=torch.float32, device=hidden_NH.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden_NH.device)
+        for start in range(0, N, chunk_tokens):
+            sl = slice(start, start + chunk_tokens)
+            h_nH, tok_n1 = hidden_NH[sl], tokens_N[sl, None]
+            z_nV = (h_nH @ W_VH.T).float()
+            picked_n = z_nV.gather(-1, tok_n1).squeeze(-1)
+            max_n1 = z_nV.amax(-1, keepdim=True)
+            e_nV = z_nV.sub_(max_n1).exp_()  # in place: the logits are not needed again
+            sum_n1 = e_nV.sum(-1, keepdim=True)
+            lp_n = picked_n - max_n1.squeeze(-1) - sum_n1.squeeze(-1).log()
+            lp_N[sl] = lp_n
+            with torch.enable_grad():
+                leaf_n = lp_n.detach().requires_grad_()
+                chunk = chunk_loss(leaf_n, sl)
+                g_n = torch.zeros_like(lp_n)
+                if chunk.requires_grad:
+                    (g_n,) = torch.autograd.grad(chunk, leaf_n, materialize_grads=True)
+            loss += chunk.detach()
+            # d loss / d z = g * (onehot - softmax), built in place over the exp'd chunk
+            e_nV.mul_(-g_n[:, None] / sum_n1)
+            e_nV.scatter_add_(-1, tok_n1, g_n[:, None])
+            grad_z_nV = e_nV.to(W_VH.dtype)
+            grad_h_NH[sl] = grad_z_nV @ W_VH
+            if grad_w_VH is not None:
+                grad_w_VH[:vocab_size].addmm_(grad_z_nV.T, h_nH)
+        ctx.save_for_backward(grad_h_NH, grad_w_VH)
+        ctx.mark_non_differentiable(lp_N)
+        return loss, lp_N
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lp):
+        grad_h_NH, grad_w_VH = ctx.saved_tensors
+        grad_w = None if grad_w_VH is None else grad_w_VH * grad_loss.to(grad_w_VH.dtype)
+        return grad_h_NH * grad_loss.to(grad_h_NH.dtype), grad_w, None, None, None, None
+
+
+def fused_token_loss(
+    model,
+    tokens_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    completion_mask_BT: torch.Tensor,
+    vocab_size: int,
+    chunk_loss: ChunkLoss,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """A per-token loss of the completion tokens' log-probs, differentiable into the model.
+
+    chunk_loss(lp_n, sl) gets the log-probs of completion positions sl (in the order of
+    completion_mask_BT.nonzero()) and returns their loss; the result is the sum over chunks.
+    Returns (loss, lp_N as constants, (rows_N, cols_N)). The model must have a plain_head.
+    """
+    model = inner_model(model)
+    head = plain_head(model)
+    hidden_NH, rows_N, cols_N, tokens_N = completion_hidden(
+        model, tokens_BT, attention_mask_BT, completion_mask_BT
+    )
+    loss, lp_N = _FusedTokenLoss.apply(
+        hidden_NH, head.weight, tokens_N, vocab_size, chunk_loss, chunk_tokens
+    )
+    return loss, lp_N, (rows_N, cols_N)

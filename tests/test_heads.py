@@ -1,0 +1,110 @@
+"""The chunked LM head: the same log-probs, losses and gradients as the plain full-logits path."""
+
+import copy
+
+import pytest
+import torch
+
+from opd import tiny
+from opd.heads import fused_token_loss, plain_head, score_completions
+from opd.models import add_lora
+from opd.objectives import nll_loss, policy_gradient_loss
+from opd.scoring import completion_logprobs
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny.char_tokenizer()
+
+
+def batch(tok, seed=0):
+    """Left-padded prompts of width P, ragged completions (some rows end early)."""
+    g = torch.Generator().manual_seed(seed)
+    B, P, T, V = 4, 6, 15, len(tok)
+    tokens_BT = torch.randint(4, V, (B, T), generator=g)
+    attention_BT = torch.ones_like(tokens_BT)
+    attention_BT[0, :3], attention_BT[2, :1] = 0, 0
+    tokens_BT[attention_BT == 0] = tok.pad_token_id
+    mask_BT = torch.zeros_like(tokens_BT, dtype=torch.bool)
+    mask_BT[:, P:] = True
+    mask_BT[1, -4:] = False  # a row that finished early: pad after it
+    attention_BT[1, -4:] = 0
+    tokens_BT[1, -4:] = tok.pad_token_id
+    sampler_lp_BT = -torch.rand(B, T, generator=g) * 3
+    adv_BT = torch.randn(B, T, generator=g)
+    return tokens_BT, attention_BT, mask_BT, P, sampler_lp_BT, adv_BT
+
+
+def reference_and_fused(model, tok, loss_kind, chunk, clip=0.0):
+    tokens_BT, attn_BT, mask_BT, P, s_lp_BT, adv_BT = batch(tok)
+    V, n_tokens = len(tok), int(mask_BT.sum()) + 3  # a global count larger than this batch's
+    ref, fused = model, copy.deepcopy(model)
+    lp_BT = completion_logprobs(ref, tokens_BT, attn_BT, P, V)
+    if loss_kind == "sft":
+        loss = nll_loss(lp_BT, mask_BT, n_tokens)
+    else:
+        loss = policy_gradient_loss(lp_BT, s_lp_BT, adv_BT, mask_BT, n_tokens, clip)[0]
+    loss.backward()
+    s_lp_N, adv_N = s_lp_BT[mask_BT], adv_BT[mask_BT]
+
+    def chunk_loss(lp_n, sl):
+        ones = torch.ones_like(lp_n, dtype=torch.bool)
+        if loss_kind == "sft":
+            return nll_loss(lp_n, ones, n_tokens)
+        return policy_gradient_loss(lp_n, s_lp_N[sl], adv_N[sl], ones, n_tokens, clip)[0]
+
+    loss_f, lp_N, _ = fused_token_loss(fused, tokens_BT, attn_BT, mask_BT, V, chunk_loss, chunk)
+    loss_f.backward()
+    return (ref, loss, lp_BT[mask_BT]), (fused, loss_f, lp_N)
+
+
+@pytest.mark.parametrize(
+    "arch,loss_kind,chunk,clip",
+    [
+        ("llama", "pg", 1, 0.0),
+        ("llama", "pg", 7, 0.2),  # PPO clipping: some tokens get no gradient
+        ("llama", "sft", 1000, 0.0),
+        ("qwen3", "pg", 16, 0.0),
+    ],
+)
+def test_fused_loss_equals_the_full_logits_path(tok, arch, loss_kind, chunk, clip):
+    # vocab_pad: padded embedding rows must take no mass and get no gradient
+    model = tiny.tiny_model(tok, arch=arch, hidden=32, layers=2, vocab_pad=7, seed=3)
+    (ref, loss, lp), (fused, loss_f, lp_f) = reference_and_fused(model, tok, loss_kind, chunk, clip)
+    assert torch.allclose(lp, lp_f, atol=1e-5)
+    assert loss_f.item() == pytest.approx(loss.item(), abs=1e-6)
+    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
+    head = fused.get_output_embeddings().weight.grad
+    assert (head[len(tok) :] == 0).all()
+
+
+def test_fused_loss_with_lora_leaves_the_frozen_head_alone(tok):
+    model = add_lora(tiny.tiny_model(tok, hidden=32, layers=2, seed=5), 4, 8, "all-linear")
+    (ref, _, lp), (fused, _, lp_f) = reference_and_fused(model, tok, "pg", 5)
+    assert torch.allclose(lp, lp_f, atol=1e-5)
+    grads = {n: p.grad for n, p in fused.named_parameters() if p.requires_grad}
+    assert grads and all("lora" in n for n in grads)
+    for (name, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters(), strict=True):
+        if a.requires_grad:
+            assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
+    assert fused.get_output_embeddings().weight.grad is None
+
+
+def test_chunked_scoring_equals_full_logits(tok):
+    model = tiny.tiny_model(tok, hidden=32, layers=2, vocab_pad=5, seed=2).eval()
+    tokens_BT, attn_BT, mask_BT, P, _, _ = batch(tok, seed=1)
+    with torch.inference_mode():
+        ref_BT = completion_logprobs(model, tokens_BT, attn_BT, P, len(tok))
+        got_BT = score_completions(model, tokens_BT, attn_BT, mask_BT, len(tok), chunk=3)
+    assert torch.allclose(got_BT[mask_BT], ref_BT[mask_BT], atol=1e-5)
+    assert (got_BT[~mask_BT] == 0).all()
+
+
+def test_heads_that_are_not_plain_take_the_plain_path(tok):
+    model = tiny.tiny_model(tok, hidden=32, layers=1)
+    assert plain_head(model) is model.get_output_embeddings()
+    model.config.final_logit_softcapping = 30.0  # Gemma: logits change after the head
+    assert plain_head(model) is None
+    lora_head = add_lora(tiny.tiny_model(tok, hidden=32, layers=1), 2, 4, "all-linear")
+    assert plain_head(lora_head) is not None  # LoRA on the body only: the head is still plain
