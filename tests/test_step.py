@@ -41,6 +41,24 @@ def test_gradient_accumulation_gives_the_same_update(models, prompts_file, tmp_p
         assert torch.allclose(a[k].grad, b[k].grad, rtol=1e-4, atol=1e-7), k
 
 
+@pytest.mark.parametrize("loss", ["full", "jsd"])
+def test_the_teacher_backbone_runs_once_per_step(models, prompts_file, tmp_path, loss):
+    """full/jsd take the KL metric's log-probs and the loss's logits from one teacher pass over
+    the step's rows, and every micro-batch reads that pass."""
+    parts = make_parts(
+        models, prompts_file, tmp_path, **{"objective.loss": loss, "run.micro_batch_size": 5}
+    )
+    teacher = parts.teacher.teachers["default"].model
+    calls = []
+    teacher.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
+    metrics = train_step(0, parts)
+    assert len(calls) == 1
+    assert metrics["teacher/kl"] > 0.1 and metrics["optim/grad_norm"] > 0
+    # the same batch scored the default way gives the same sampled-token log-probs
+    whole = make_parts(models, prompts_file, tmp_path)
+    assert metrics["teacher/kl"] == pytest.approx(train_step(0, whole)["teacher/kl"], rel=1e-5)
+
+
 def test_bf16_teacher_scores_close_to_fp32(models, prompts_file, tmp_path):
     fp32 = make_parts(models, prompts_file, tmp_path)
     bf16 = make_parts(models, prompts_file, tmp_path, **{"model.teacher_dtype": "bfloat16"})

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from opd.heads import check_plain_head, final_hidden
+from opd.heads import check_plain_head, final_hidden, token_logprobs_chunked
 from opd.models import inner_model
 from opd.types import Rollouts
 
@@ -163,7 +163,15 @@ def divergence(
 
 def local_teacher_fn(teacher, rollouts: Rollouts, vocab_size: int) -> TeacherFn:
     """A TeacherFn for an in-process teacher: its backbone runs once here under inference_mode,
-    its LM head per chunk, so no (B, T, V) teacher tensor exists either.
+    its LM head per chunk, so no (B, T, V) teacher tensor exists either."""
+    return local_teacher_scores(teacher, rollouts, vocab_size)[0]
+
+
+def local_teacher_scores(
+    teacher, rollouts: Rollouts, vocab_size: int, chunk_tokens: int = 512
+) -> tuple[TeacherFn, torch.Tensor]:
+    """One backbone pass of an in-process teacher gives both its TeacherFn (logits per chunk,
+    for the loss) and its (B, T) log-probs of the sampled tokens (for the KL metric).
 
     The teacher should be in eval mode (LocalTeacher puts it there).
     """
@@ -172,20 +180,31 @@ def local_teacher_fn(teacher, rollouts: Rollouts, vocab_size: int) -> TeacherFn:
     head = model.get_output_embeddings()
     device = head.weight.device
     P = rollouts.prompt_len
+    tokens_BT = rollouts.tokens_BT.to(device)
+    mask_BT = rollouts.completion_mask_BT.to(device)
     with torch.inference_mode():
-        hidden_BTH = final_hidden(
-            model, rollouts.tokens_BT.to(device), rollouts.attention_mask_BT.to(device)
+        hidden_BTH = final_hidden(model, tokens_BT, rollouts.attention_mask_BT.to(device))
+        # Keep only the columns that predict completion tokens; clone() makes a normal tensor.
+        hidden_BCH = hidden_BTH[:, P - 1 : -1].clone()
+        del hidden_BTH
+        rows_N, cols_N = mask_BT.nonzero(as_tuple=True)
+        lp_N = token_logprobs_chunked(
+            head,
+            hidden_BCH[rows_N, cols_N - P],
+            tokens_BT[rows_N, cols_N],
+            vocab_size,
+            chunk_tokens,
         )
-    # Keep only the columns that predict completion tokens; clone() makes a normal tensor.
-    hidden_BCH = hidden_BTH[:, P - 1 : -1].clone()
-    del hidden_BTH
+        lp_BT = torch.zeros(tokens_BT.shape, dtype=torch.float32, device=device)
+        lp_BT[rows_N, cols_N] = lp_N
+    hidden_BCH, lp_BT = hidden_BCH.clone(), lp_BT.clone()  # plain tensors again
 
     def logits(rows_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             h_NH = hidden_BCH[rows_N.to(device), cols_N.to(device) - P]
             return head(h_NH)[:, :vocab_size].float()
 
-    return logits
+    return logits, lp_BT
 
 
 def gather_topk_fn(ids_BTK: torch.Tensor, lp_BTK: torch.Tensor) -> TeacherFn:

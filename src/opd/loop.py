@@ -23,7 +23,7 @@ from opd import config as config_mod
 from opd.config import Config
 from opd.data import Prompt, load_prompts, step_indices
 from opd.distributed import DistContext, setup
-from opd.divergences import divergence_loss_chunked, gather_topk_fn, local_teacher_fn
+from opd.divergences import divergence_loss_chunked, gather_topk_fn, local_teacher_scores
 from opd.errors import OpdError
 from opd.evaluate import get_extractor, run_eval
 from opd.flops import Ledger, forward_flops, model_shape, sampling_flops, train_flops
@@ -170,9 +170,13 @@ def score_batch(p: Parts, batch, step_prompts) -> dict:
     if o.kind != "opd":
         return scored
     names_B = p.teacher.names(batch, [x.row.get("teacher", DEFAULT) for x in step_prompts])
+    scored["names_B"] = names_B
+    if o.loss in ("full", "jsd"):  # one teacher pass gives the loss's logits and the KL metric
+        batch.teacher_lp_BT, scored["teacher_fns"] = local_teacher_logits(p, batch, names_B)
+        return scored
     k = o.topk if o.loss == "topk" else 0
     batch.teacher_lp_BT, top_ids_BTK, top_lp_BTK = p.teacher.score_topk(batch, names_B, k)
-    scored |= {"names_B": names_B, "top_ids_BTK": top_ids_BTK, "top_lp_BTK": top_lp_BTK}
+    scored |= {"top_ids_BTK": top_ids_BTK, "top_lp_BTK": top_lp_BTK}
     if o.loss == "sampled":
         batch.advantages_BT = kl_advantages(
             batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT, o.kl_coef, o.discount
@@ -327,12 +331,10 @@ def count_flops(p: Parts, batch, names_B, t_sample: float, t_teacher: float, t_t
         )
     if names_B is not None:
         flops = 0
-        # full/jsd run the teacher's backbone a second time, inside the loss
-        passes = 2 if cfg.objective.loss in ("full", "jsd") else 1
         for name, rows in p.teacher.groups(names_B).items():
             shape = p.shapes.get(f"teacher:{name}")
             if shape is not None:  # a served teacher's size is not known here: not counted
-                flops += passes * forward_flops(shape, torch.zeros_like(seq_B[rows]), seq_B[rows])
+                flops += forward_flops(shape, torch.zeros_like(seq_B[rows]), seq_B[rows])
         phases["teacher_scoring"] = (flops, t_teacher)
     phases["train"] = (train_flops(p.shapes["student"], seq_B), t_train)
     names = sorted(phases)
@@ -342,33 +344,43 @@ def count_flops(p: Parts, batch, names_B, t_sample: float, t_teacher: float, t_t
     return p.ledger.step_metrics()
 
 
+def local_teacher_logits(p: Parts, batch, names_B: list[str]):
+    """For full/jsd: each in-process teacher's backbone runs once over its rows. Returns the
+    (B, T) sampled-token log-probs and {name: (TeacherFn, batch row -> the teacher's row)}."""
+    lp_BT = torch.zeros(batch.tokens_BT.shape, dtype=torch.float32)
+    fns = {}
+    for name, rows in p.teacher.groups(names_B).items():
+        fn, lp_rows_BT = local_teacher_scores(
+            p.teacher.teachers[name].model,
+            batch.select(rows),
+            p.vocab_size,
+            p.cfg.objective.chunk_tokens,
+        )
+        lp_BT[rows] = lp_rows_BT.to(lp_BT.device)
+        where_B = torch.full((batch.num_rows,), -1, dtype=torch.long)
+        where_B[rows] = torch.arange(len(rows))
+        fns[name] = (fn, where_B)
+    return lp_BT.to(batch.sampler_lp_BT.device), fns
+
+
 def divergence_teacher(p: Parts, mb, scored: dict, start: int):
     """The teacher side of a topk/full/jsd loss for micro-batch `mb` (rows from `start`)."""
     end = start + mb.num_rows
-    ids_BTK, lp_BTK, names_mb = (
-        scored["top_ids_BTK"],
-        scored["top_lp_BTK"],
-        scored["names_B"][start:end],
-    )
-    if ids_BTK is not None:  # top-k, already scored (served or in-process)
-        return gather_topk_fn(ids_BTK[start:end], lp_BTK[start:end])
-    fns = {}
-    for name, rows in p.teacher.groups(names_mb).items():
-        model = p.teacher.teachers[name].model
-        where = torch.full((mb.num_rows,), -1, dtype=torch.long)
-        where[rows] = torch.arange(len(rows))
-        fns[name] = (local_teacher_fn(model, mb.select(rows), p.vocab_size), where)
+    if scored.get("top_ids_BTK") is not None:  # top-k, already scored (served or in-process)
+        return gather_topk_fn(scored["top_ids_BTK"][start:end], scored["top_lp_BTK"][start:end])
+    names_mb = scored["names_B"][start:end]
+    fns = scored["teacher_fns"]
     if len(fns) == 1:
-        ((fn, _),) = fns.values()
-        return fn
+        ((fn, where_B),) = fns.values()
+        return lambda rows_N, cols_N: fn(where_B[rows_N.cpu() + start], cols_N)
 
     def routed(rows_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
         out = None
-        for name, (fn, where) in fns.items():
-            sel = torch.tensor([names_mb[r] == name for r in rows_N.tolist()])
+        for name, (fn, where_B) in fns.items():
+            sel = torch.tensor([names_mb[r] == name for r in rows_N.tolist()], dtype=torch.bool)
             if not sel.any():
                 continue
-            part = fn(where[rows_N[sel].cpu()], cols_N[sel])
+            part = fn(where_B[rows_N[sel].cpu() + start], cols_N[sel])
             if out is None:
                 out = part.new_zeros(len(rows_N), part.shape[1])
             out[sel.to(part.device)] = part
