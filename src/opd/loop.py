@@ -644,6 +644,8 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
+        # one kernel over all parameters (CPU and CUDA): ~10x faster than the per-tensor loop
+        fused=all(p.device.type in ("cpu", "cuda") for p in params),
     )
     # The token source: the student itself (on-policy), the teacher (SFT on its samples), or data.
     if from_data:
