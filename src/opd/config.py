@@ -163,6 +163,12 @@ class RunConfig:
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (older ones are deleted).")
     device: str = _f("auto", "'auto' (cuda when present, else cpu), 'cpu' or 'cuda'.")
     threads: int = _f(0, "CPU threads for torch; 0 leaves torch's choice (divided among ranks).")
+    autocast: str = _f(
+        "none",
+        "'bfloat16': student sampling and in-process teacher scoring run under torch.autocast "
+        "(bf16 matrix multiplies, ~2x faster where the CPU/GPU has them; log-probs move by "
+        "~1e-2); training keeps the weights' dtype. 'none': everything in the weights' dtype.",
+    )
     preflight: bool = _f(
         True, "Check the teacher before step 1: its KL on its own samples and the start KL."
     )
@@ -345,6 +351,7 @@ def validate(cfg: Config) -> None:
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, ">= 1")
     _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "'auto', 'cpu' or 'cuda'")
     _check(r.threads >= 0, "run.threads", r.threads, ">= 0")
+    _check(r.autocast in ("none", "bfloat16"), "run.autocast", r.autocast, "'none' or 'bfloat16'")
     _check(0 <= r.seed < 2**31, "run.seed", r.seed, "in [0, 2**31)")
     _check(o.kind in ("opd", "sft", "rl"), "objective.kind", o.kind, "'opd', 'sft' or 'rl'")
     _check(o.reward_coef >= 0, "objective.reward_coef", o.reward_coef, ">= 0")

@@ -40,6 +40,7 @@ from opd.models import (
 from opd.objectives import kl_advantages, lr_at, nll_loss, policy_gradient_loss, reverse_kl
 from opd.rewards import combined_advantages, group_centered, reward_advantages_BT, task_rewards
 from opd.samplers import Sampler, make_sampler
+from opd.samplers.autocast import AutocastSampler
 from opd.samplers.dataset import DatasetSampler
 from opd.scoring import completion_logprobs
 from opd.teachers import DEFAULT, TeacherRouter, is_url, make_teacher, teacher_specs
@@ -668,6 +669,8 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
             s.top_k,
             backend=s.backend,
         )
+        if cfg.run.autocast != "none":
+            sampler = AutocastSampler(sampler, ctx.device, cfg.run.autocast)
     if on_policy:
         for prompt in prompts:
             name = prompt.row.get("teacher", DEFAULT)
@@ -681,7 +684,13 @@ def setup_run(cfg: Config, ctx: DistContext) -> Parts:
     if on_policy:
         teacher = TeacherRouter(
             {
-                name: make_teacher(t, vocab_size, cfg.run.micro_batch_size)
+                name: make_teacher(
+                    t,
+                    vocab_size,
+                    cfg.run.micro_batch_size,
+                    cfg.objective.chunk_tokens,
+                    cfg.run.autocast,
+                )
                 if isinstance(t, torch.nn.Module)
                 else t
                 for name, t in teachers.items()

@@ -15,6 +15,7 @@ the loss. Position ids are always derived from the attention mask (see `position
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -66,3 +67,10 @@ class Rollouts:
 def position_ids(attention_mask_BT: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: the first real token of every row is position 0."""
     return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def autocast_context(device: torch.device, autocast: str):
+    """torch.autocast to bfloat16 for run.autocast='bfloat16', else a no-op context."""
+    if autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, autocast))

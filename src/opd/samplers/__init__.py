@@ -1,7 +1,8 @@
 """Samplers turn prompts into rollouts and record the sampler's log-prob of every sampled token.
 
-A backend is any object with this `sample` method; `make_sampler` picks one. Faster decoders
-(a preallocated KV cache, vLLM) are new classes here and one line in the factory.
+A backend is any object with this `sample` method; `make_sampler` picks one: `KVCacheSampler`
+(kv.py, a preallocated KV cache for Llama/Qwen2/Qwen3/Mistral) where the model allows it, else
+`HFSampler` (hf.py, any causal LM). Other decoders (vLLM) are new classes here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Protocol
 import torch
 
 from opd.data import Prompt
+from opd.errors import OpdError
 from opd.types import Rollouts
 
 
@@ -22,6 +24,9 @@ class Sampler(Protocol):
         ...
 
 
+BACKENDS = ("auto", "kv", "hf")
+
+
 def make_sampler(
     model,
     tokenizer,
@@ -30,11 +35,20 @@ def make_sampler(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    backend: str = "auto",
 ) -> Sampler:
+    """backend 'kv' (KVCacheSampler), 'hf' (HFSampler) or 'auto': kv where the model allows it."""
     from opd.models import stop_token_ids
     from opd.samplers.hf import HFSampler
+    from opd.samplers.kv import KVCacheSampler, kv_supported
 
-    return HFSampler(
+    if backend not in BACKENDS:
+        raise OpdError(f"sampling.backend={backend!r}: must be 'auto', 'kv' or 'hf'")
+    reason = kv_supported(model) if backend != "hf" else None
+    if backend == "kv" and reason is not None:
+        raise OpdError(f"sampling.backend=kv does not support this model: {reason}")
+    cls = KVCacheSampler if backend != "hf" and reason is None else HFSampler
+    return cls(
         model,
         pad_id=tokenizer.pad_token_id,
         stop_ids=stop_token_ids(tokenizer, model),

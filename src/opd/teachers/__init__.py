@@ -44,10 +44,12 @@ def teacher_specs(teacher: str, teachers: str) -> dict[str, str]:
     return specs
 
 
-def make_teacher(model, vocab_size: int, micro_batch_size: int = 0) -> Teacher:
+def make_teacher(
+    model, vocab_size: int, micro_batch_size: int = 0, chunk: int = 512, autocast: str = "none"
+) -> Teacher:
     from opd.teachers.local import LocalTeacher
 
-    return LocalTeacher(model, vocab_size, micro_batch_size)
+    return LocalTeacher(model, vocab_size, micro_batch_size, chunk, autocast)
 
 
 class TeacherRouter:

@@ -6,13 +6,21 @@ import torch
 
 from opd.heads import plain_head, score_completions
 from opd.scoring import completion_logprobs, completion_topk
-from opd.types import Rollouts
+from opd.types import Rollouts, autocast_context
 
 
 class LocalTeacher:
-    def __init__(self, model, vocab_size: int, micro_batch_size: int = 0, chunk: int = 512):
+    def __init__(
+        self,
+        model,
+        vocab_size: int,
+        micro_batch_size: int = 0,
+        chunk: int = 512,
+        autocast: str = "none",
+    ):
         self.model = model.eval()
         self.chunk = chunk
+        self.autocast = autocast
         self.vocab_size = vocab_size
         self.micro_batch_size = micro_batch_size
 
@@ -25,7 +33,7 @@ class LocalTeacher:
         device = next(self.model.parameters()).device
         step = self.micro_batch_size or rollouts.num_rows
         lps, ids, lpks = [], [], []
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_context(device, self.autocast):
             for start in range(0, rollouts.num_rows, step):
                 mb = rollouts.slice(start, start + step)
                 args = (
