@@ -70,7 +70,7 @@ def inverse_cdf_sample(logp_BV: torch.Tensor, generator: torch.Generator) -> tor
     right=True never returns a zero-probability token (its cumulative value equals the one
     before it).
     """
-    cdf_BV = logp_BV.exp().double().cumsum(-1)
+    cdf_BV = logp_BV.exp().cumsum(-1, dtype=torch.float64)
     u_B1 = torch.rand(
         (logp_BV.shape[0], 1), generator=generator, dtype=torch.float64, device=logp_BV.device
     )
