@@ -173,8 +173,10 @@ def rotary_tables(core, x: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Te
     return cos_1SD[0], sin_1SD[0] * sign_D
 
 
-def prefill(model, tokens_BL, attention_BL, S: int):
+def prefill(model, tokens_BL, attention_BL, S: int, head: bool = True):
     """Run the prompts, filling cache columns [0, L); returns (last logits_BV, cache, cos, sin).
+
+    head=False returns the last position's final-normed hidden state (B, E) instead of logits.
 
     The cache is one (layers, 2, B, kv_heads, S, head_dim) tensor: dropping rows is one
     index_select. Every query also sees itself, so a pad query's row is never fully masked (a
@@ -199,7 +201,8 @@ def prefill(model, tokens_BL, attention_BL, S: int):
         x_ME = decoder_layer(
             layer, x_ME, cos_BL1D, sin_BL1D, mask_B1LL, cache_Y2BKSD[y], 0, last_only=last
         )
-    return model.lm_head(core.norm(x_ME)), cache_Y2BKSD, cos_SD, sin_SD
+    out = core.norm(x_ME)
+    return model.lm_head(out) if head else out, cache_Y2BKSD, cos_SD, sin_SD
 
 
 @dataclass

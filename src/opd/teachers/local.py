@@ -6,6 +6,7 @@ import torch
 
 from opd.heads import plain_head, score_completions
 from opd.scoring import completion_logprobs, completion_topk
+from opd.teachers.shared_prompt import score_shared_prompts, shared_prompt_supported
 from opd.types import Rollouts, autocast_context
 
 
@@ -21,6 +22,7 @@ class LocalTeacher:
         self.model = model.eval()
         self.chunk = chunk
         self.autocast = autocast
+        self.shared_prompts = shared_prompt_supported(model)
         self.vocab_size = vocab_size
         self.micro_batch_size = micro_batch_size
 
@@ -47,6 +49,11 @@ class LocalTeacher:
                     lp_BT, ids_BTK, lp_BTK = completion_topk(*args, k)
                     ids.append(ids_BTK)
                     lpks.append(lp_BTK)
+                elif self.shared_prompts:  # each distinct prompt once, no (B, T, V) logits
+                    mask_BT = mb.completion_mask_BT.to(device)
+                    lp_BT = score_shared_prompts(
+                        *args[:3], mask_BT, rollouts.prompt_len, self.vocab_size, self.chunk
+                    )
                 elif plain_head(self.model) is not None:  # no (B, T, V) logits
                     mask_BT = mb.completion_mask_BT.to(device)
                     lp_BT = score_completions(*args[:3], mask_BT, self.vocab_size, self.chunk)

@@ -1,0 +1,75 @@
+"""Teacher scoring that runs each distinct prompt once for all the rows that share it.
+
+A step samples G completions per prompt, so an in-process teacher that scores the rows one by
+one runs every prompt G times. Here (for the models `samplers/kv.py` supports) the distinct
+prompts go through the teacher once, filling a KV cache; the cache is copied to the rows that
+share each prompt; then every row's completion tokens go through in one pass against it
+(causal within the completion, the prompt's padding masked). The hidden states that predict
+completion tokens meet the LM head chunk by chunk (`heads.token_logprobs_chunked`). Same
+log-probs as `scoring.completion_logprobs`, with (G - 1) / G of the prompt tokens' work saved:
+for long shared prompts (a chat template and a problem statement, G = 4 to 16) most of it.
+
+Rows share a prompt when their prompt columns (tokens and attention) are identical; nothing is
+trusted from metadata. Left out: sharing between prompts with a common prefix, and training
+(the student's prompt activations need gradients per row; the trainer runs whole rows).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.heads import plain_head, token_logprobs_chunked
+from opd.models import inner_model
+from opd.samplers.kv import additive, decoder_layer, kv_supported, prefill
+
+
+def shared_prompt_supported(model) -> bool:
+    return kv_supported(model) is None and plain_head(model) is not None
+
+
+def score_shared_prompts(
+    model, tokens_BT, attention_mask_BT, completion_mask_BT, prompt_len: int, vocab_size: int, chunk
+) -> torch.Tensor:
+    """(B, T) float32 log-probs of the completion tokens (0 elsewhere); call under inference_mode."""
+    model = inner_model(model)
+    core = model.model
+    layers = core.layers[: model.config.num_hidden_layers]
+    B, T = tokens_BT.shape
+    Lp, L = prompt_len, T - prompt_len - 1  # the last column is never fed: nothing follows it
+    prompt_B2L = torch.stack([tokens_BT[:, :Lp], attention_mask_BT[:, :Lp]], 1)
+    unique_U2L, row_to_u_B = torch.unique(prompt_B2L, dim=0, return_inverse=True)
+    # hidden_U: the last prompt position's hidden state, which predicts completion column Lp
+    hidden_UE, cache_Y2UKSD, cos_SD, sin_SD = prefill(
+        model, unique_U2L[:, 0], unique_U2L[:, 1], T - 1, head=False
+    )
+    hidden_BCE = hidden_UE[row_to_u_B][:, None]
+    if L > 0:
+        cache_Y2BKSD = cache_Y2UKSD.index_select(2, row_to_u_B)
+        attention_BL = attention_mask_BT[:, :Lp]
+        pos_BL = attention_BL.sum(-1, keepdim=True) + torch.arange(L, device=tokens_BT.device)
+        cos_BL1D, sin_BL1D = cos_SD[pos_BL][:, :, None], sin_SD[pos_BL][:, :, None]
+        # query i (column Lp + i) sees the prompt's real tokens and completion columns <= Lp + i
+        causal_LL = torch.ones(L, L, dtype=torch.bool, device=tokens_BT.device).tril()
+        seen_B1LS = torch.cat(
+            [
+                attention_BL.bool()[:, None, None, :].expand(B, 1, L, Lp),
+                causal_LL.expand(B, 1, L, L),
+            ],
+            dim=-1,
+        )
+        mask_B1LS = additive(seen_B1LS, core.embed_tokens.weight.dtype)
+        x_ME = core.embed_tokens(tokens_BT[:, Lp : T - 1]).reshape(B * L, -1)
+        for layer, kv in zip(layers, cache_Y2BKSD, strict=True):
+            x_ME = decoder_layer(layer, x_ME, cos_BL1D, sin_BL1D, mask_B1LS, kv, Lp)
+        hidden_BCE = torch.cat([hidden_BCE, core.norm(x_ME).view(B, L, -1)], 1)
+    rows_N, cols_N = completion_mask_BT.nonzero(as_tuple=True)
+    lp_N = token_logprobs_chunked(
+        plain_head(model),
+        hidden_BCE[rows_N, cols_N - Lp],
+        tokens_BT[rows_N, cols_N],
+        vocab_size,
+        chunk,
+    )
+    lp_BT = torch.zeros((B, T), dtype=torch.float32, device=tokens_BT.device)
+    lp_BT[rows_N, cols_N] = lp_N
+    return lp_BT
