@@ -260,6 +260,11 @@ class KVCacheSampler:
         self.vocab_size = vocab_size
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        # Steps between looks at which rows finished: every step on a CPU (free there); on a
+        # GPU each look waits for the queued kernels, so every 8th step (finished rows decode
+        # a few pad steps more, masked out like the rows that finish between drops).
+        device = next(inner_model(model).parameters()).device
+        self.check_every = 1 if device.type == "cpu" else 8
 
     def sample(
         self, prompts_P: list[Prompt], group_size: int, generator: torch.Generator
@@ -301,13 +306,17 @@ class KVCacheSampler:
             )
             s.tokens_AN[:, i], s.lp_AN[:, i] = s.token_A, lp_A  # what follows a stop: see assemble
             s.finished_A |= torch.isin(s.token_A, stop_ids)
-            n_new, A, n_done = i + 1, s.finished_A.shape[0], int(s.finished_A.sum())
-            if i == N - 1 or n_done == A:
+            n_new = i + 1
+            if i == N - 1:
                 break
-            if 4 * n_done >= A:  # a quarter of the rows finished: dropping them pays for the copy
-                dropped.append(s.select(s.finished_A))
-                keep_A = (~s.finished_A).nonzero().squeeze(1)
-                s, cache_Y2AKSD = s.select(keep_A), cache_Y2AKSD.index_select(2, keep_A)
+            if n_new % self.check_every == 0:  # reading finished_A is a host sync on a GPU
+                A, n_done = s.finished_A.shape[0], int(s.finished_A.sum())
+                if n_done == A:
+                    break
+                if 4 * n_done >= A:  # a quarter of the rows finished: dropping them pays
+                    dropped.append(s.select(s.finished_A))
+                    keep_A = (~s.finished_A).nonzero().squeeze(1)
+                    s, cache_Y2AKSD = s.select(keep_A), cache_Y2AKSD.index_select(2, keep_A)
             x_AE = core.embed_tokens(s.token_A)
             cos_A11D, sin_A11D = s.cos_AN1D[:, i : i + 1], s.sin_AN1D[:, i : i + 1]
             mask_A11C = s.mask_A11S[..., : Lp + i + 1]
@@ -332,6 +341,14 @@ def assemble(prompt_BL, attention_BL, tokens_BN, lp_BN, stop_ids, pad_id: int) -
     """
     stop_BN = torch.isin(tokens_BN, stop_ids).long()
     completion_BN = (stop_BN.cumsum(-1) - stop_BN) == 0
+    # steps taken after every row had stopped (finished rows are looked at every few steps on a
+    # GPU) hold no completion token: cut them, so the width is the longest completion
+    n_keep = int(completion_BN.sum(1).max()) if completion_BN.numel() else 0
+    tokens_BN, lp_BN, completion_BN = (
+        tokens_BN[:, :n_keep],
+        lp_BN[:, :n_keep],
+        completion_BN[:, :n_keep],
+    )
     return dict(
         tokens_BT=torch.cat([prompt_BL, tokens_BN.masked_fill(~completion_BN, pad_id)], 1),
         attention_mask_BT=torch.cat([attention_BL, completion_BN.long()], 1),
