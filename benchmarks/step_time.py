@@ -2,9 +2,8 @@
 
 64 samples (16 prompts x 4) x up to 40 new tokens, a 0.4M-parameter student (Llama, hidden 128,
 2 layers) and a 3.2M teacher (hidden 256, 4 layers), a ~20-token character vocabulary, fp32,
-randomly initialised. The student's EOS logit is masked (a hook on its LM head, seen by the
-sampler and the trainer alike), so every completion is exactly 40 tokens: the measured work is
-64 x 40 completion tokens, as the issue states it. `--allow-eos` measures natural lengths.
+randomly initialised. The sampler never draws EOS (fixed_length.py), so every completion is
+exactly 40 tokens: the measured work is 64 x 40 completion tokens, as the issue states it. `--allow-eos` measures natural lengths.
 
     python benchmarks/step_time.py [--steps 12] [--warmup 2] [--threads 2] [--allow-eos]
 """
@@ -21,14 +20,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from floor import gemm_peak, parts_floor_flops  # benchmarks/floor.py, beside this file
+from fixed_length import never_sample_eos  # benchmarks/, beside this file
+from floor import gemm_peak, parts_floor_flops
 from transformers.utils import logging as hf_logging
 
 from opd import tiny
 from opd.config import build_config
 from opd.distributed import setup
 from opd.loop import setup_run, train_step
-from opd.models import inner_model
 
 
 def main() -> None:
@@ -84,13 +83,7 @@ def main() -> None:
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         parts = setup_run(cfg, ctx)
     if not args.allow_eos:
-        eos = tok.eos_token_id
-
-        def no_eos(module, inputs, logits):
-            logits[..., eos] = float("-inf")
-            return logits
-
-        inner_model(parts.student).get_output_embeddings().register_forward_hook(no_eos)
+        never_sample_eos(tok.eos_token_id)
     rows = [train_step(step, parts) for step in range(args.warmup + args.steps)][args.warmup :]
 
     def med(key):

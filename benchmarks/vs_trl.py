@@ -3,9 +3,10 @@
 Both get identical models, prompts, batch (64 completions: opd 16 prompts x 4, TRL the same 16
 prompts each repeated 4 times, one completion per row), max new tokens, learning rate, seed,
 precision and threads. TRL runs fully on-policy with beta=1 (reverse KL), gradient
-checkpointing off. Every completion is exactly --max-new-tokens long: a hook on the student's
-LM head masks EOS in both (TRL's loss reads the head's weight directly, so only sampling sees
-it), which makes the trained work identical: 64 x max-new-tokens completion tokens per step.
+checkpointing off. Every completion is exactly --max-new-tokens long: EOS is masked in both
+samplers (a forward hook on TRL's student head, which only its generation calls; opd's draw,
+fixed_length.py) and in neither loss, which makes the trained work identical: 64 x
+max-new-tokens completion tokens per step.
 
 Two model pairs (randomly initialised Llama, untied embeddings):
   small  ~20-token character vocabulary; student 0.4M (h128 L2), teacher 3.2M (h256 L4)
@@ -108,7 +109,8 @@ def build_pair(pair: str, root: Path) -> None:
 
 
 def mask_eos(student, eos_id: int) -> None:
-    """Every completion runs to max_new_tokens: the sampler never sees EOS as possible."""
+    """TRL's completions run to max_new_tokens: its sampler never sees EOS as possible (its
+    loss reads the head's weight, so only generation sees this hook)."""
 
     def hook(module, inputs, logits):
         logits[..., eos_id] = float("-inf")
@@ -125,11 +127,11 @@ def child_opd(root: Path, args, loss: str) -> dict:
     import io
 
     import torch
+    from fixed_length import never_sample_eos  # benchmarks/ is on sys.path
 
     from opd.config import build_config
     from opd.distributed import setup
     from opd.loop import setup_run, train_step
-    from opd.models import inner_model
 
     cfg = build_config(
         None,
@@ -156,7 +158,7 @@ def child_opd(root: Path, args, loss: str) -> dict:
     ctx = setup("cpu", args.threads)
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         parts = setup_run(cfg, ctx)
-    mask_eos(inner_model(parts.student), parts.tokenizer.eos_token_id)
+    never_sample_eos(parts.tokenizer.eos_token_id)
     rows = [train_step(step, parts) for step in range(args.warmup + args.steps)][args.warmup :]
     tokens = {r["tokens/completion"] for r in rows}
     assert tokens == {BATCH_PROMPTS * GROUP * args.max_new_tokens}, tokens

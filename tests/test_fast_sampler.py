@@ -446,3 +446,20 @@ def test_pad_equal_to_eos_keeps_eos_in_the_completion(models):
         last = m_BT[b].nonzero().max()
         assert batch.tokens_BT[b, last] == tok.eos_token_id and batch.sampler_lp_BT[b, last] < 0
     assert_matches_trainer(model, tok, batch)
+
+
+def test_sparse_finished_checks_with_row_drops_keep_logprobs_exact(models, tok):
+    """On a GPU finished rows are looked at every 8th step: rows that stopped keep decoding
+    until then, rows leave the batch later; log-probs must still be the trainer's."""
+    model = load_model(str(models["teacher"]))
+    prompts = as_prompts(tok, ["abc=", "hello=", "a=", "defgabc=", "ij=", "bad="])
+    sampler = kv_sampler(model, tok, 20)
+    sampler.check_every = 8
+    b = sampler.sample(prompts, 4, torch.Generator().manual_seed(5))
+    lengths = b.completion_mask_BT.sum(1)
+    assert lengths.min() < 8 < lengths.max()  # some rows stop long before a look, some after
+    with torch.no_grad():
+        lp_BT = completion_logprobs(model, b.tokens_BT, b.attention_mask_BT, b.prompt_len, len(tok))
+    m = b.completion_mask_BT
+    assert torch.allclose(lp_BT[m], b.sampler_lp_BT[m], atol=1e-5)
+    assert (b.tokens_BT[:, b.prompt_len :][~m[:, b.prompt_len :]] == tok.pad_token_id).all()

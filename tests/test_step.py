@@ -53,11 +53,28 @@ def test_the_teacher_backbone_runs_once_per_step(models, prompts_file, tmp_path,
     calls = []
     teacher.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
     metrics = train_step(0, parts)
-    assert len(calls) == 1
+    assert len(calls) == 3  # 12 rows in micro-batches of 5: one teacher pass each, not two
     assert metrics["teacher/kl"] > 0.1 and metrics["optim/grad_norm"] > 0
     # the same batch scored the default way gives the same sampled-token log-probs
     whole = make_parts(models, prompts_file, tmp_path)
     assert metrics["teacher/kl"] == pytest.approx(train_step(0, whole)["teacher/kl"], rel=1e-5)
+
+
+def test_a_hook_on_the_student_head_reaches_sampler_and_trainer(models, prompts_file, tmp_path):
+    """A forward hook on the LM head (here: EOS banned) changes the logits; the chunked head
+    paths never call the head's forward, so the trainer must take the plain path and see it.
+    The importance ratio of the first step is then 1."""
+    parts = make_parts(models, prompts_file, tmp_path)
+    eos = parts.tokenizer.eos_token_id
+
+    def ban_eos(module, inputs, logits):
+        logits[..., eos] = float("-inf")
+        return logits
+
+    parts.student.get_output_embeddings().register_forward_hook(ban_eos)
+    metrics = train_step(0, parts)
+    assert metrics["ratio/mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["ratio/max"] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_bf16_teacher_scores_close_to_fp32(models, prompts_file, tmp_path):

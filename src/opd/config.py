@@ -166,8 +166,8 @@ class RunConfig:
     autocast: str = _f(
         "none",
         "'bfloat16': student sampling and in-process teacher scoring run under torch.autocast "
-        "(bf16 matrix multiplies, ~2x faster where the CPU/GPU has them; log-probs move by "
-        "~1e-2); training keeps the weights' dtype. 'none': everything in the weights' dtype.",
+        "(bf16 matrix multiplies where the CPU/GPU has them; log-probs move by ~1e-2); "
+        "training keeps the weights' dtype. 'none': everything in the weights' dtype.",
     )
     preflight: bool = _f(
         True, "Check the teacher before step 1: its KL on its own samples and the start KL."

@@ -31,7 +31,7 @@ import torch
 
 from opd.heads import check_plain_head, final_hidden, token_logprobs_chunked
 from opd.models import inner_model
-from opd.types import Rollouts
+from opd.types import Rollouts, autocast_context
 
 KINDS = ("reverse_kl", "jsd", "topk_reverse_kl")
 # A teacher log-prob of -inf (a served teacher's hard mask) would make the KL infinite; below
@@ -168,12 +168,19 @@ def local_teacher_fn(teacher, rollouts: Rollouts, vocab_size: int) -> TeacherFn:
 
 
 def local_teacher_scores(
-    teacher, rollouts: Rollouts, vocab_size: int, chunk_tokens: int = 512
+    teacher,
+    rollouts: Rollouts,
+    vocab_size: int,
+    chunk_tokens: int = 512,
+    micro_batch_size: int = 0,
+    autocast: str = "none",
 ) -> tuple[TeacherFn, torch.Tensor]:
     """One backbone pass of an in-process teacher gives both its TeacherFn (logits per chunk,
     for the loss) and its (B, T) log-probs of the sampled tokens (for the KL metric).
 
-    The teacher should be in eval mode (LocalTeacher puts it there).
+    The backbone runs micro_batch_size rows at a time (0: all); the hidden states that predict
+    completion tokens, (B, T - prompt_len, H), are kept for the loss. The teacher should be in
+    eval mode (LocalTeacher puts it there).
     """
     model = inner_model(teacher)
     check_plain_head(model)
@@ -182,11 +189,16 @@ def local_teacher_scores(
     P = rollouts.prompt_len
     tokens_BT = rollouts.tokens_BT.to(device)
     mask_BT = rollouts.completion_mask_BT.to(device)
-    with torch.inference_mode():
-        hidden_BTH = final_hidden(model, tokens_BT, rollouts.attention_mask_BT.to(device))
-        # Keep only the columns that predict completion tokens; clone() makes a normal tensor.
-        hidden_BCH = hidden_BTH[:, P - 1 : -1].clone()
-        del hidden_BTH
+    attention_BT = rollouts.attention_mask_BT.to(device)
+    step = micro_batch_size or rollouts.num_rows
+    parts = []
+    with torch.inference_mode(), autocast_context(device, autocast):
+        for start in range(0, rollouts.num_rows, step):
+            rows = slice(start, start + step)
+            hidden_BTH = final_hidden(model, tokens_BT[rows], attention_BT[rows])
+            parts.append(hidden_BTH[:, P - 1 : -1])  # the columns that predict completions
+        hidden_BCH = torch.cat(parts)
+        del parts, hidden_BTH
         rows_N, cols_N = mask_BT.nonzero(as_tuple=True)
         lp_N = token_logprobs_chunked(
             head,

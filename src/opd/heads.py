@@ -17,8 +17,8 @@ and, under autograd, several more tensors of that size for the backward. Here:
   N numbers, so the maths is not written twice.
 
 Supported heads: a plain `torch.nn.Linear` without bias whose logits are not scaled or
-soft-capped afterwards (`plain_head`); anything else (a LoRA-wrapped head, Gemma soft-capping)
-takes the plain path. Left out: chunking the backbone (its activations are (B, T, H), not V).
+soft-capped afterwards, with no forward hooks on it or on the model (`plain_head`); anything
+else (a LoRA-wrapped head, Gemma soft-capping, a hook that edits logits) takes the plain path. Left out: chunking the backbone (its activations are (B, T, H), not V).
 """
 
 from __future__ import annotations
@@ -55,11 +55,18 @@ def check_plain_head(model) -> None:
 
 
 def plain_head(model) -> torch.nn.Linear | None:
-    """The model's LM head when the chunked paths can use its weight directly, else None."""
+    """The model's LM head when the chunked paths can use its weight directly, else None.
+
+    None also when a hook could change the logits (forward hooks on the head or the model,
+    accelerate's offloading hooks): the chunked paths never call those modules' forward.
+    """
     model = inner_model(model)
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None or post_head_scaling(model):
         return None
+    for module in (model, head):
+        if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+            return None
     return head
 
 
@@ -140,7 +147,10 @@ class _FusedTokenLoss(torch.autograd.Function):
         N = tokens_N.shape[0]
         W_VH = weight_VH[:vocab_size]
         grad_h_NH = torch.empty_like(hidden_NH)
-        grad_w_VH = torch.zeros_like(weight_VH) if ctx.needs_input_grad[1] else None
+        # summed over chunks in float32 (a bf16 sum over many chunks loses ~1% per 100 chunks)
+        grad_w_VH = None
+        if ctx.needs_input_grad[1]:
+            grad_w_VH = torch.zeros_like(weight_VH, dtype=torch.float32)
         lp_N = torch.empty(N, dtype=torch.float32, device=hidden_NH.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden_NH.device)
         for start in range(0, N, chunk_tokens):
@@ -163,10 +173,11 @@ class _FusedTokenLoss(torch.autograd.Function):
             # d loss / d z = g * (onehot - softmax), built in place over the exp'd chunk
             e_nV.mul_(-g_n[:, None] / sum_n1)
             e_nV.scatter_add_(-1, tok_n1, g_n[:, None])
-            grad_z_nV = e_nV.to(W_VH.dtype)
-            grad_h_NH[sl] = grad_z_nV @ W_VH
+            grad_h_NH[sl] = e_nV.to(W_VH.dtype) @ W_VH
             if grad_w_VH is not None:
-                grad_w_VH[:vocab_size].addmm_(grad_z_nV.T, h_nH)
+                grad_w_VH[:vocab_size].addmm_(e_nV.T, h_nH.float())
+        if grad_w_VH is not None:
+            grad_w_VH = grad_w_VH.to(weight_VH.dtype)
         ctx.save_for_backward(grad_h_NH, grad_w_VH)
         ctx.mark_non_differentiable(lp_N)
         return loss, lp_N

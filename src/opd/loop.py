@@ -51,6 +51,7 @@ DIVERGENCES = {"topk": "topk_reverse_kl", "full": "reverse_kl", "jsd": "jsd"}
 
 # Fields that may change between a run and its resumption without making it a different run.
 RESUMABLE_CHANGES = {
+    "objective.chunk_tokens",  # a memory knob: the same maths chunk by chunk
     "run.steps",
     "run.save_every",
     "run.keep_checkpoints",
@@ -356,6 +357,8 @@ def local_teacher_logits(p: Parts, batch, names_B: list[str]):
             batch.select(rows),
             p.vocab_size,
             p.cfg.objective.chunk_tokens,
+            p.cfg.run.micro_batch_size,
+            p.cfg.run.autocast,
         )
         lp_BT[rows] = lp_rows_BT.to(lp_BT.device)
         where_B = torch.full((batch.num_rows,), -1, dtype=torch.long)
@@ -789,7 +792,14 @@ def read_prompts(path, tokenizer, limits, max_new_tokens, overlong, key, with_co
 def run_evaluation(p: Parts) -> dict:
     """Greedy held-out accuracy of the student as it is now (rank 0 only)."""
     cfg = p.cfg
-    sampler = make_sampler(p.student, p.tokenizer, p.vocab_size, eval_tokens(cfg), temperature=0.0)
+    sampler = make_sampler(
+        p.student,
+        p.tokenizer,
+        p.vocab_size,
+        eval_tokens(cfg),
+        temperature=0.0,
+        backend=cfg.sampling.backend,
+    )
     t0 = time.perf_counter()
     summary, rows = run_eval(
         sampler,

@@ -115,7 +115,9 @@ def run_preflight(parts, n_prompts: int = 4) -> list[tuple[str, str, str]]:
         rows.append(
             (label, status, f"mean |logp_sampler - logp_teacher| = {value:.2e} (limit {limit:g})")
         )
-    student_sampler = make_sampler(parts.student, parts.tokenizer, parts.vocab_size, max_new)
+    student_sampler = make_sampler(
+        parts.student, parts.tokenizer, parts.vocab_size, max_new, backend=cfg.sampling.backend
+    )
     for name, kl in start_kl(student_sampler, parts.teacher, prompts, names).items():
         rows.append(
             (f"start KL [{name}]", "ok", f"student -> teacher reverse KL {kl:.4f} per token")

@@ -6,7 +6,11 @@ import torch
 
 from opd.heads import plain_head, score_completions
 from opd.scoring import completion_logprobs, completion_topk
-from opd.teachers.shared_prompt import score_shared_prompts, shared_prompt_supported
+from opd.teachers.shared_prompt import (
+    contiguous_completions,
+    score_shared_prompts,
+    shared_prompt_supported,
+)
 from opd.types import Rollouts, autocast_context
 
 
@@ -49,7 +53,9 @@ class LocalTeacher:
                     lp_BT, ids_BTK, lp_BTK = completion_topk(*args, k)
                     ids.append(ids_BTK)
                     lpks.append(lp_BTK)
-                elif self.shared_prompts:  # each distinct prompt once, no (B, T, V) logits
+                elif self.shared_prompts and contiguous_completions(
+                    mb.attention_mask_BT, rollouts.prompt_len
+                ):  # each distinct prompt once, no (B, T, V) logits
                     mask_BT = mb.completion_mask_BT.to(device)
                     lp_BT = score_shared_prompts(
                         *args[:3], mask_BT, rollouts.prompt_len, self.vocab_size, self.chunk

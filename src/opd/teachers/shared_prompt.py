@@ -27,6 +27,13 @@ def shared_prompt_supported(model) -> bool:
     return kv_supported(model) is None and plain_head(model) is not None
 
 
+def contiguous_completions(attention_mask_BT: torch.Tensor, prompt_len: int) -> bool:
+    """True when every row's completion is real tokens then padding, no gap (what samplers
+    and `data.pack` produce, and what the positions and mask here assume)."""
+    att_BC = attention_mask_BT[:, prompt_len:]
+    return bool((att_BC[:, 1:] <= att_BC[:, :-1]).all())
+
+
 def score_shared_prompts(
     model, tokens_BT, attention_mask_BT, completion_mask_BT, prompt_len: int, vocab_size: int, chunk
 ) -> torch.Tensor:
