@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from opd.heads import check_plain_head, final_hidden, token_logprobs_chunked
+from opd.heads import check_plain_head, final_hidden, logprobs_at
 from opd.models import inner_model
 from opd.types import Rollouts, autocast_context
 
@@ -200,15 +200,8 @@ def local_teacher_scores(
         hidden_BCH = torch.cat(parts)
         del parts, hidden_BTH
         rows_N, cols_N = mask_BT.nonzero(as_tuple=True)
-        lp_N = token_logprobs_chunked(
-            head,
-            hidden_BCH[rows_N, cols_N - P],
-            tokens_BT[rows_N, cols_N],
-            vocab_size,
-            chunk_tokens,
-        )
-        lp_BT = torch.zeros(tokens_BT.shape, dtype=torch.float32, device=device)
-        lp_BT[rows_N, cols_N] = lp_N
+        h_NH = hidden_BCH[rows_N, cols_N - P]
+        lp_BT = logprobs_at(head, h_NH, rows_N, cols_N, tokens_BT, vocab_size, chunk_tokens)
     hidden_BCH, lp_BT = hidden_BCH.clone(), lp_BT.clone()  # plain tensors again
 
     def logits(rows_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:

@@ -116,19 +116,25 @@ def token_logprobs_chunked(
     return lp_N
 
 
+def logprobs_at(head, hidden_NH, rows_N, cols_N, tokens_BT, vocab_size: int, chunk: int):
+    """(B, T) float32: the log-prob of tokens_BT[rows_N, cols_N] given the hidden states that
+    predict them (one per position, in that order), 0 elsewhere; no gradient."""
+    lp_N = token_logprobs_chunked(head, hidden_NH, tokens_BT[rows_N, cols_N], vocab_size, chunk)
+    lp_BT = torch.zeros(tokens_BT.shape, dtype=torch.float32, device=tokens_BT.device)
+    lp_BT[rows_N, cols_N] = lp_N
+    return lp_BT
+
+
 def score_completions(model, tokens_BT, attention_mask_BT, completion_mask_BT, vocab_size, chunk):
     """(B, T) log-probs of the completion tokens under model (0 elsewhere), no (B, T, V) tensor.
 
     Call under torch.inference_mode; the model must have a plain_head.
     """
     model = inner_model(model)
-    hidden_NH, rows_N, cols_N, tokens_N = completion_hidden(
+    hidden_NH, rows_N, cols_N, _ = completion_hidden(
         model, tokens_BT, attention_mask_BT, completion_mask_BT
     )
-    lp_N = token_logprobs_chunked(plain_head(model), hidden_NH, tokens_N, vocab_size, chunk)
-    lp_BT = torch.zeros(tokens_BT.shape, dtype=torch.float32, device=tokens_BT.device)
-    lp_BT[rows_N, cols_N] = lp_N
-    return lp_BT
+    return logprobs_at(plain_head(model), hidden_NH, rows_N, cols_N, tokens_BT, vocab_size, chunk)
 
 
 # (lp_n leaf with requires_grad, slice of the N positions) -> this chunk's loss (0-d)

@@ -26,9 +26,13 @@ class LocalTeacher:
         self.model = model.eval()
         self.chunk = chunk
         self.autocast = autocast
-        self.shared_prompts = shared_prompt_supported(model)
         self.vocab_size = vocab_size
         self.micro_batch_size = micro_batch_size
+
+    @property
+    def shared_prompts(self) -> bool:
+        """Checked at each call, like plain_head: a hook added later changes the answer."""
+        return shared_prompt_supported(self.model)
 
     def score(self, rollouts: Rollouts) -> torch.Tensor:
         return self.score_topk(rollouts, 0)[0]

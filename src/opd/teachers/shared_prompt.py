@@ -5,7 +5,7 @@ one runs every prompt G times. Here (for the models `samplers/kv.py` supports) t
 prompts go through the teacher once, filling a KV cache; the cache is copied to the rows that
 share each prompt; then every row's completion tokens go through in one pass against it
 (causal within the completion, the prompt's padding masked). The hidden states that predict
-completion tokens meet the LM head chunk by chunk (`heads.token_logprobs_chunked`). Same
+completion tokens meet the LM head chunk by chunk (`heads.logprobs_at`). Same
 log-probs as `scoring.completion_logprobs`, with (G - 1) / G of the prompt tokens' work saved:
 for long shared prompts (a chat template and a problem statement, G = 4 to 16) most of it.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.heads import plain_head, token_logprobs_chunked
+from opd.heads import logprobs_at, plain_head
 from opd.models import inner_model
 from opd.samplers.kv import additive, decoder_layer, kv_supported, prefill
 
@@ -70,13 +70,5 @@ def score_shared_prompts(
             x_ME = decoder_layer(layer, x_ME, cos_BL1D, sin_BL1D, mask_B1LS, kv, Lp)
         hidden_BCE = torch.cat([hidden_BCE, core.norm(x_ME).view(B, L, -1)], 1)
     rows_N, cols_N = completion_mask_BT.nonzero(as_tuple=True)
-    lp_N = token_logprobs_chunked(
-        plain_head(model),
-        hidden_BCE[rows_N, cols_N - Lp],
-        tokens_BT[rows_N, cols_N],
-        vocab_size,
-        chunk,
-    )
-    lp_BT = torch.zeros((B, T), dtype=torch.float32, device=tokens_BT.device)
-    lp_BT[rows_N, cols_N] = lp_N
-    return lp_BT
+    h_NE = hidden_BCE[rows_N, cols_N - Lp]
+    return logprobs_at(plain_head(model), h_NE, rows_N, cols_N, tokens_BT, vocab_size, chunk)
