@@ -53,7 +53,7 @@ class Settings:
     sft_lr: float = 3e-3
     sft_batch: int = 64
     sft_stop_at: float = 0.3
-    sft_eval_every: int = 20
+    sft_eval_every: int = 10
     opd_steps: int = 50
     opd_lr: float = 3e-4
     opd_prompts: int = 32
