@@ -7,8 +7,8 @@ import json
 import pytest
 
 from opd.cli import main
-from opd.experiments.blog import run_experiment
-from opd.experiments.report import write_report
+from opd.experiments.blog import _pick, run_experiment
+from opd.experiments.report import experiment_section, write_report
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiments")
     cache = str(root / "cache")
     out = {}
-    for name in ("math", "single-prompt", "self-distill"):
+    for name in ("math", "lr-sweep", "single-prompt", "self-distill"):
         out[name] = run_experiment(name, str(root / name), "test", cache)
     return root, out
 
@@ -26,8 +26,14 @@ def test_math_results_schema(runs):
     r = json.loads((root / "math" / "results.json").read_text())
     assert r == json.loads(json.dumps(out["math"]))
     assert {"target_accuracy", "teacher_accuracy", "methods", "ratios"} <= r.keys()
-    assert set(r["methods"]) == {"opd", "rl", "sft"}
-    for m in r["methods"].values():
+    assert set(r["methods"]) == {"opd", "opd-full", "rl", "sft"} and r["sft_stop_at"] == 0.0
+    assert set(r["ratios"]) == set(r["ratios_opd_full"])
+    lrs = {"opd": 3e-3, "opd-full": 2e-3, "rl": 1e-3, "sft": 4e-3}  # the test preset's
+    for name, m in r["methods"].items():
+        assert m["lr"] == lrs[name] and all(p["lr"] == lrs[name] for p in m["per_seed"])
+        cfg = json.loads((root / "math" / f"{name}-seed1" / "config.json").read_text())
+        assert cfg["optim"]["lr"] == lrs[name] and cfg["eval"]["prompts"].endswith("test.jsonl")
+        assert m["step_budget"] == 3
         assert {"steps_to_target", "flops_to_target", "final_accuracy", "curves"} <= m.keys()
         assert set(m["curves"]) == {"0", "1"}  # one curve per seed
         for curve in m["curves"].values():
@@ -40,8 +46,41 @@ def test_math_results_schema(runs):
     assert "reward/mean" in json.loads(rl[1]) and "flops/teacher_scoring" not in json.loads(rl[1])
     sft = json.loads((root / "math" / "sft-seed0" / "metrics.jsonl").read_text().splitlines()[1])
     assert sft["flops/teacher_sampling"] > 0
+    full = json.loads((root / "math" / "opd-full-seed0" / "config.json").read_text())
+    assert full["objective"]["loss"] == "full"
     for png in ("math_steps.png", "math_flops.png"):
         assert (root / "math" / png).stat().st_size > 1000
+
+
+def test_lr_sweep_runs_every_method_at_every_lr(runs):
+    root, out = runs
+    r = json.loads((root / "lr-sweep" / "results.json").read_text())
+    assert r["lrs"] == [1e-3, 3e-3] and set(r["methods"]) == {"opd", "opd-full", "rl", "sft"}
+    for name, m in r["methods"].items():
+        assert [run["lr"] for run in m["runs"]] == r["lrs"]
+        assert m["best_lr"] in r["lrs"]
+        assert m["step_budget"] == 2  # the sweep's own budgets; math's test budgets are 3
+        for run in m["runs"]:
+            cfg = json.loads(
+                (root / "lr-sweep" / f"{name}-lr{run['lr']:g}" / "config.json").read_text()
+            )
+            assert cfg["optim"]["lr"] == run["lr"]
+            assert cfg["eval"]["prompts"].endswith("valid.jsonl")  # never the test split
+    assert (
+        "| method | lr 0.001 | lr 0.003 | step budget |"
+        in (root / "lr-sweep" / "report.md").read_text()
+    )
+
+
+def test_pick_prefers_fewest_steps_then_accuracy():
+    runs = [
+        {"lr": 1e-4, "steps_to_target": None, "final_accuracy": 0.99},
+        {"lr": 3e-4, "steps_to_target": 50, "final_accuracy": 0.95},
+        {"lr": 1e-3, "steps_to_target": 50, "final_accuracy": 0.97},
+        {"lr": 3e-3, "steps_to_target": 70, "final_accuracy": 1.0},
+    ]
+    assert _pick(runs) == 1e-3
+    assert _pick([{**r, "steps_to_target": None} for r in runs]) == 3e-3
 
 
 def test_single_prompt_and_self_distill_results(runs):
@@ -59,14 +98,88 @@ def test_single_prompt_and_self_distill_results(runs):
 
 def test_report_renders_from_saved_results(runs, tmp_path, capsys):
     root, _ = runs
-    dirs = [str(root / n) for n in ("math", "single-prompt", "self-distill")]
+    dirs = [str(root / n) for n in ("math", "lr-sweep", "single-prompt", "self-distill")]
     dest = write_report(dirs, str(tmp_path / "report.md"))
     text = dest.read_text()
     assert text.startswith("# opd: the blog's claims beside our measurements")
     assert "| blog claim | blog figure | ours |" in text
     assert "7-10x fewer steps" in text and "single prompt" in text
-    assert "math_steps.png" in text
+    assert "math_steps.png" in text and "## lr-sweep" in text
+    assert "full-vocabulary OPD" in text
     with pytest.raises(SystemExit) as e:
         main(["report", str(tmp_path / "nothing")])
     assert e.value.code == 2
     assert "no results.json" in capsys.readouterr().err
+    for bad in ("1.5", "0"):  # 0 would mean "never stop early": the most-trained checkpoint
+        with pytest.raises(SystemExit) as e:
+            main(
+                ["experiment", "math", "--out", str(tmp_path / "x"), "--sft-stop-at", bad]
+                + ["--preset", "test", "--cache-dir", str(tmp_path / "cache")]
+            )
+        assert e.value.code == 2
+        assert f"--sft-stop-at={float(bad)}: must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_report_gives_a_lower_bound_when_the_baseline_misses_the_target(tmp_path):
+    def method(steps, flops, budget, last_flops):
+        curve = [[0, 0.0, 0.2], [budget, last_flops, 0.5 if steps is None else 0.96]]
+        return {
+            "lr": 1e-4,
+            "steps_to_target": steps,
+            "flops_to_target": flops,
+            "final_accuracy": curve[-1][2],
+            "reached": 0 if steps is None else 1,
+            "step_budget": budget,
+            "per_seed": [{}],
+            "curves": {"0": curve},
+        }
+
+    none = dict.fromkeys(
+        ("rl_over_opd_steps", "rl_over_opd_flops", "sft_over_opd_steps", "sft_over_opd_flops")
+    )
+    r = {
+        "experiment": "math",
+        "target_accuracy": 0.95,
+        "teacher_accuracy": 1.0,
+        "sft_start_accuracy": 0.2,
+        "sft_stop_at": 0.1,
+        "seeds": [0],
+        "sequences_per_step": 8,
+        "methods": {
+            "opd": method(None, None, 150, 6e12),  # missed too: no bound against it
+            "opd-full": method(80, 4e12, 150, 7e12),
+            "rl": method(None, None, 300, 1e13),
+            "sft": method(110, 5e12, 300, 5e12),
+        },
+        "ratios": {**none, "sft_over_opd_steps": None},
+        "ratios_opd_full": {**none, "sft_over_opd_steps": 110 / 80, "sft_over_opd_flops": 1.3},
+    }
+    text, claims = experiment_section(r, tmp_path)
+    assert "an SFT stage that stops early at 10.0% validation accuracy" in text
+    # RL ran its whole 300-step budget (1e13 FLOPs) without reaching what OPD reached in 80 (4e12)
+    assert "| full-vocabulary OPD | > 3.8x | > 2.5x | 1.4x | 1.3x |" in text
+    assert "| sampled-token OPD | n/a | n/a | n/a | n/a |" in text
+    assert "> 3.8x (full-vocabulary OPD)" in claims[0][2]
+
+
+def test_report_renders_results_from_before_opd_full(tmp_path):
+    """A results.json written before per-method learning rates and opd-full still renders."""
+    curve = {"0": [[0, 0.0, 0.4], [50, 1e12, 0.96]]}
+    old = {"steps_to_target": 50, "flops_to_target": 1e12, "final_accuracy": 0.96}
+    old |= {"reached": 1, "step_budget": 60, "per_seed": [{}], "curves": curve}
+    ratios = {"rl_over_opd_steps": 1.0, "rl_over_opd_flops": 1.0}
+    ratios |= {"sft_over_opd_steps": 1.0, "sft_over_opd_flops": 1.0}
+    r = {
+        "experiment": "math",
+        "target_accuracy": 0.95,
+        "teacher_accuracy": 1.0,
+        "sft_start_accuracy": 0.4,
+        "seeds": [0],
+        "sequences_per_step": 8,
+        "lr": 3e-4,
+        "settings": {"stages": "default"},
+        "methods": {"opd": old, "rl": old, "sft": old},
+        "ratios": ratios,
+    }
+    text, _ = experiment_section(r, tmp_path)
+    assert "| 0.0003 | 50 |" in text and "| full-vocabulary OPD | n/a | n/a | n/a | n/a |" in text

@@ -128,13 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser(
         "experiment",
-        help="the blog's comparisons on the demo's task: math, single-prompt, self-distill",
+        help="the blog's comparisons on the demo's task: math, lr-sweep, single-prompt, "
+        "self-distill",
     )
-    ex.add_argument("name", choices=["math", "single-prompt", "self-distill"])
+    ex.add_argument("name", choices=["math", "lr-sweep", "single-prompt", "self-distill"])
     ex.add_argument(
         "--out", required=True, help="output folder (results.json, report.md, plots, runs)"
     )
     ex.add_argument("--quick", action="store_true", help="one seed and smaller budgets")
+    ex.add_argument(
+        "--sft-stop-at",
+        type=float,
+        help="start from an SFT checkpoint stopped at this validation accuracy (default: the "
+        "demo's, 0.3); a lower start makes the RL reward sparser",
+    )
     ex.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
     ex.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
     ex.add_argument("--verbose", action="store_true", help="show every step of every run")
@@ -212,7 +219,14 @@ def run(argv: list[str] | None = None) -> int:
         from opd.experiments.blog import run_experiment
 
         preset = args.preset or ("quick" if args.quick else "default")
-        run_experiment(args.name, args.out, preset, args.cache_dir, quiet=not args.verbose)
+        run_experiment(
+            args.name,
+            args.out,
+            preset,
+            args.cache_dir,
+            quiet=not args.verbose,
+            sft_stop_at=args.sft_stop_at,
+        )
     elif args.command == "report":
         from opd.experiments.report import write_report
 

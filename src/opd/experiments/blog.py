@@ -1,15 +1,19 @@
 """`opd experiment`: the blog's comparisons, on the demo's task, teacher and SFT checkpoint.
 
-- math: from one SFT checkpoint, on-policy distillation vs RL (0/1 answer reward) vs continued
-  SFT on the teacher's samples, the same number of sampled sequences per step, several seeds;
-  steps and FLOPs to reach 95% of the teacher's accuracy.
+- math: from one SFT checkpoint, on-policy distillation (the blog's sampled-token estimator, and
+  the full-vocabulary reverse KL) vs RL (0/1 answer reward) vs continued SFT on the teacher's
+  samples, the same number of sampled sequences per step, several seeds; steps and FLOPs to
+  reach 95% of the teacher's accuracy.
+- lr-sweep: each of math's methods at every learning rate of a grid, one seed, scored on the
+  validation split (never the test split math reports); math's per-method learning rates are
+  the ones this picks (the fewest steps to the target).
 - single-prompt: on-policy distillation on one training prompt, many rollouts a step.
 - self-distill: the teacher is the starting student itself; SFT on its own samples vs OPD
   against itself, held-out accuracy and KL to the starting model over steps.
 
 Every run is an ordinary `opd distill` / `opd sft` / `opd rl` run under DIR/<experiment>/, so
-its metrics.jsonl (with the FLOPs ledger) is there to inspect. Learning rates are one value per
-method, not swept (see the settings below and the report).
+its metrics.jsonl (with the FLOPs ledger) is there to inspect. Tiny models are learning-rate
+sensitive, so every method gets its own learning rate, picked by `lr-sweep` (see the settings).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from opd.errors import OpdError
 from opd.experiments.demo import EXTRACTOR, PRESETS, Stages, _stage, prepare
 
 
@@ -29,10 +34,17 @@ class ExperimentSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     prompts: int = 32  # per step; x group = sampled sequences per step, for every method
     group: int = 4
-    lr: float = 3e-4
-    opd_steps: int = 60
-    rl_steps: int = 300
+    # Per-method learning rates: the winners of `opd experiment lr-sweep` (docs/experiments/lr-sweep).
+    opd_lr: float = 3e-4
+    opd_full_lr: float = 3e-4
+    rl_lr: float = 1e-4
+    sft_lr: float = 3e-4
+    opd_steps: int = 150
+    rl_steps: int = 600  # from a low start (--sft-stop-at 0.1) RL is still climbing at 300
     sft_steps: int = 300
+    sweep_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    sweep_seed: int = 0
+    sweep_steps: tuple[int, int, int] = (150, 300, 300)  # budgets of OPD, RL, SFT in lr-sweep
     eval_every: int = 10
     target_share: float = 0.95  # of the teacher's accuracy
     single_steps: int = 20
@@ -46,14 +58,24 @@ class ExperimentSettings:
 EXPERIMENT_PRESETS = {
     "default": ExperimentSettings(),
     "quick": ExperimentSettings(
-        seeds=(0,), opd_steps=30, rl_steps=100, sft_steps=100, single_rollouts=64, self_steps=40
+        seeds=(0,),
+        opd_steps=30,
+        rl_steps=100,
+        sft_steps=100,
+        single_rollouts=64,
+        self_steps=40,
+        sweep_lrs=(1e-4, 3e-4),
+        sweep_steps=(30, 100, 100),
     ),
     "test": ExperimentSettings(
         stages="test",
         seeds=(0, 1),
         prompts=4,
         group=2,
-        lr=3e-3,
+        opd_lr=3e-3,
+        opd_full_lr=2e-3,
+        rl_lr=1e-3,
+        sft_lr=4e-3,
         opd_steps=3,
         rl_steps=3,
         sft_steps=3,
@@ -62,6 +84,8 @@ EXPERIMENT_PRESETS = {
         single_rollouts=4,
         self_steps=2,
         self_every=1,
+        sweep_lrs=(1e-3, 3e-3),
+        sweep_steps=(2, 2, 2),
     ),
 }
 
@@ -88,60 +112,110 @@ def _first_reaching(curve, target: float):
 
 
 def _median_or_none(values):
-    """Median over seeds when most seeds got there; None ("not reached") otherwise."""
-    got = [v for v in values if v is not None]
-    return statistics.median(got) if len(got) * 2 > len(values) else None
+    """Median over seeds, a seed that missed the target counting as infinitely late; None ("not
+    reached") when the median itself is a miss (most seeds missed)."""
+    med = statistics.median(float("inf") if v is None else v for v in values)
+    return None if med == float("inf") else med
 
 
 def _ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
+def _methods(
+    st: Stages, x: ExperimentSettings, sweep: bool = False
+) -> dict[str, tuple[dict, int, float]]:
+    """math's methods: name -> (flags for `opd distill`, step budget, learning rate); with
+    sweep, lr-sweep's budgets."""
+    teacher = {"model.teacher": str(st.teacher)}
+    opd_steps, rl_steps, sft_steps = (
+        x.sweep_steps if sweep else (x.opd_steps, x.rl_steps, x.sft_steps)
+    )
+    return {
+        "opd": ({"objective.kind": "opd", **teacher}, opd_steps, x.opd_lr),
+        "opd-full": (
+            {"objective.kind": "opd", "objective.loss": "full", **teacher},
+            opd_steps,
+            x.opd_full_lr,
+        ),
+        "rl": ({"objective.kind": "rl", "objective.extractor": EXTRACTOR}, rl_steps, x.rl_lr),
+        "sft": ({"objective.kind": "sft", **teacher}, sft_steps, x.sft_lr),
+    }
+
+
+def _run_to_target(
+    st: Stages,
+    x: ExperimentSettings,
+    flags: dict,
+    steps: int,
+    lr: float,
+    seed: int,
+    target: float,
+    run_dir: Path,
+    quiet: bool,
+    eval_prompts: Path | None = None,
+) -> tuple[dict, list]:
+    """One run from the SFT checkpoint that stops once held-out accuracy (on the test split,
+    or on eval_prompts) reaches the target."""
+    _stage(
+        {
+            **st.common,
+            **flags,
+            **({"eval.prompts": str(eval_prompts)} if eval_prompts else {}),
+            "run.seed": seed,
+            "model.student": str(st.sft),
+            "data.prompts": str(st.prompts),
+            "run.out": str(run_dir),
+            "run.steps": steps,
+            "run.save_every": steps,
+            "data.batch_prompts": x.prompts,
+            "sampling.group_size": x.group,
+            "optim.lr": lr,
+            "eval.every": x.eval_every,
+            "eval.stop_at": target,
+            "run.preflight": False,
+        },
+        quiet,
+        force=True,
+    )
+    curve = _curve(_metrics(run_dir))
+    step, flops = _first_reaching(curve, target)
+    summary = {
+        "seed": seed,
+        "lr": lr,
+        "steps_to_target": step,
+        "flops_to_target": flops,
+        "final_accuracy": curve[-1][2],
+    }
+    return summary, curve
+
+
+def _ratios(methods: dict, opd: str) -> dict:
+    rl, sft, o = methods["rl"], methods["sft"], methods[opd]
+    return {
+        "rl_over_opd_steps": _ratio(rl["steps_to_target"], o["steps_to_target"]),
+        "rl_over_opd_flops": _ratio(rl["flops_to_target"], o["flops_to_target"]),
+        "sft_over_opd_steps": _ratio(sft["steps_to_target"], o["steps_to_target"]),
+        "sft_over_opd_flops": _ratio(sft["flops_to_target"], o["flops_to_target"]),
+    }
+
+
 def run_math(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, log) -> dict:
     target = x.target_share * st.teacher_acc
-    methods = {
-        "opd": ({"objective.kind": "opd", "model.teacher": str(st.teacher)}, x.opd_steps),
-        "rl": ({"objective.kind": "rl", "objective.extractor": EXTRACTOR}, x.rl_steps),
-        "sft": ({"objective.kind": "sft", "model.teacher": str(st.teacher)}, x.sft_steps),
-    }
     results = {}
-    for name, (flags, steps) in methods.items():
+    for name, (flags, steps, lr) in _methods(st, x).items():
         per_seed, curves = [], {}
         for seed in x.seeds:
-            log(f"math: {name}, seed {seed}, up to {steps} steps (stops at {target:.1%}) ...")
-            run_dir = out / f"{name}-seed{seed}"
-            _stage(
-                {
-                    **st.common,
-                    **flags,
-                    "run.seed": seed,
-                    "model.student": str(st.sft),
-                    "data.prompts": str(st.prompts),
-                    "run.out": str(run_dir),
-                    "run.steps": steps,
-                    "run.save_every": steps,
-                    "data.batch_prompts": x.prompts,
-                    "sampling.group_size": x.group,
-                    "optim.lr": x.lr,
-                    "eval.every": x.eval_every,
-                    "eval.stop_at": target,
-                    "run.preflight": False,
-                },
-                quiet,
-                force=True,
+            log(
+                f"math: {name}, lr {lr}, seed {seed}, up to {steps} steps (stops at {target:.1%}) ..."
             )
-            curve = _curve(_metrics(run_dir))
-            step, flops = _first_reaching(curve, target)
+            summary, curve = _run_to_target(
+                st, x, flags, steps, lr, seed, target, out / f"{name}-seed{seed}", quiet
+            )
+            per_seed.append(summary)
             curves[str(seed)] = curve
-            per_seed.append(
-                {
-                    "seed": seed,
-                    "steps_to_target": step,
-                    "flops_to_target": flops,
-                    "final_accuracy": curve[-1][2],
-                }
-            )
         results[name] = {
+            "lr": lr,
             "steps_to_target": _median_or_none([p["steps_to_target"] for p in per_seed]),
             "flops_to_target": _median_or_none([p["flops_to_target"] for p in per_seed]),
             "final_accuracy": statistics.median(p["final_accuracy"] for p in per_seed),
@@ -150,22 +224,53 @@ def run_math(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, log) -> 
             "per_seed": per_seed,
             "curves": curves,
         }
-    opd, rl, sft = results["opd"], results["rl"], results["sft"]
     return {
         "experiment": "math",
         "target_accuracy": target,
         "teacher_accuracy": st.teacher_acc,
         "sft_start_accuracy": st.sft_acc,
+        "sft_steps": st.sft_steps,
         "seeds": list(x.seeds),
         "sequences_per_step": x.prompts * x.group,
-        "lr": x.lr,
         "methods": results,
-        "ratios": {
-            "rl_over_opd_steps": _ratio(rl["steps_to_target"], opd["steps_to_target"]),
-            "rl_over_opd_flops": _ratio(rl["flops_to_target"], opd["flops_to_target"]),
-            "sft_over_opd_steps": _ratio(sft["steps_to_target"], opd["steps_to_target"]),
-            "sft_over_opd_flops": _ratio(sft["flops_to_target"], opd["flops_to_target"]),
-        },
+        "ratios": _ratios(results, "opd"),  # against the blog's sampled-token estimator
+        "ratios_opd_full": _ratios(results, "opd-full"),
+    }
+
+
+def _pick(runs: list[dict]) -> float:
+    """The learning rate that reached the target in the fewest steps; if none did, the one with
+    the highest final accuracy."""
+    reached = [r for r in runs if r["steps_to_target"] is not None]
+    if reached:
+        return min(reached, key=lambda r: (r["steps_to_target"], -r["final_accuracy"]))["lr"]
+    return max(runs, key=lambda r: r["final_accuracy"])["lr"]
+
+
+def run_lr_sweep(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, log) -> dict:
+    """Each math method at every learning rate of x.sweep_lrs, one seed, x.sweep_steps budgets."""
+    target = x.target_share * st.teacher_acc
+    results = {}
+    for name, (flags, steps, _) in _methods(st, x, sweep=True).items():
+        runs = []
+        for lr in x.sweep_lrs:
+            log(f"lr-sweep: {name}, lr {lr}, up to {steps} steps (stops at {target:.1%}) ...")
+            run_dir = out / f"{name}-lr{lr:g}"
+            summary, curve = _run_to_target(
+                st, x, flags, steps, lr, x.sweep_seed, target, run_dir, quiet, st.valid
+            )
+            runs.append({**summary, "curve": curve})
+        results[name] = {"step_budget": steps, "runs": runs, "best_lr": _pick(runs)}
+    return {
+        "experiment": "lr-sweep",
+        "eval_split": "valid",
+        "target_accuracy": target,
+        "teacher_accuracy": st.teacher_acc,
+        "sft_start_accuracy": st.sft_acc,
+        "seed": x.sweep_seed,
+        "lrs": list(x.sweep_lrs),
+        "sequences_per_step": x.prompts * x.group,
+        "methods": results,
     }
 
 
@@ -263,24 +368,42 @@ def _accuracy_and_kl(model_dir: Path, st: Stages) -> tuple[float, float]:
     return acc["accuracy"], kl
 
 
-RUNNERS = {"math": run_math, "single-prompt": run_single_prompt, "self-distill": run_self_distill}
+RUNNERS = {
+    "math": run_math,
+    "lr-sweep": run_lr_sweep,
+    "single-prompt": run_single_prompt,
+    "self-distill": run_self_distill,
+}
 
 
 def run_experiment(
-    name: str, out: str, preset: str = "default", cache_dir: str | None = None, quiet: bool = True
+    name: str,
+    out: str,
+    preset: str = "default",
+    cache_dir: str | None = None,
+    quiet: bool = True,
+    sft_stop_at: float | None = None,
 ) -> dict:
+    """sft_stop_at: stop the shared SFT stage at this validation accuracy instead of the demo's
+    (a lower start makes the RL reward sparser: most groups of samples are all wrong)."""
     t0 = time.time()
     x = EXPERIMENT_PRESETS[preset]
+    stages = PRESETS[x.stages]
+    if sft_stop_at is not None:
+        if not 0 < sft_stop_at <= 1:  # 0 would mean "never stop early"
+            raise OpdError(f"--sft-stop-at={sft_stop_at}: must be in (0, 1]")
+        stages = replace(stages, sft_stop_at=sft_stop_at)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
-    st = prepare(PRESETS[x.stages], 0, cache_dir, quiet, log)
+    st = prepare(stages, 0, cache_dir, quiet, log)
     result = RUNNERS[name](st, x, root, quiet, log)
     result |= {
         "preset": preset,
+        "sft_stop_at": stages.sft_stop_at,
         "settings": asdict(replace(x)),
         "task": f"{st.settings.digits}-digit addition, digit by digit",
         "wall_seconds": round(time.time() - t0, 1),

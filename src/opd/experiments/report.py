@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 from opd.errors import OpdError
 
-METHOD_LABEL = {"opd": "on-policy distillation", "rl": "RL (0/1 reward)", "sft": "continued SFT"}
+METHOD_LABEL = {
+    "opd": "on-policy distillation (sampled-token, the blog's)",
+    "opd-full": "on-policy distillation (full-vocabulary reverse KL)",
+    "rl": "RL (0/1 reward)",
+    "sft": "continued SFT",
+}
 
 
 def _pct(x) -> str:
@@ -32,6 +38,32 @@ def _ratio(x) -> str:
     return "n/a" if x is None else f"{x:.1f}x"
 
 
+def _at_least(methods: dict, num: str, den: str, field: str) -> float | None:
+    """When `num` missed the target within its budget and `den` reached it: the ratio is at
+    least (num's steps or FLOPs at the end of its budget) / (den's to the target)."""
+    n, d = methods[num], methods[den]
+    if n["steps_to_target"] is not None or d[field] is None:
+        return None
+    # the median over seeds of the step or cumulative FLOPs at each run's last evaluation
+    spent = statistics.median(
+        c[-1][0 if field == "steps_to_target" else 1] for c in n["curves"].values()
+    )
+    return spent / d[field] if d[field] else None
+
+
+def _ratio_or_bound(r: dict, key: str, opd: str) -> str:
+    """A ratio from results.json, or '> x' when only a lower bound is known."""
+    ratios = r["ratios"] if opd == "opd" else r.get("ratios_opd_full")
+    if ratios is None:  # results from before opd-full was measured
+        return "n/a"
+    if ratios[key] is not None:
+        return _ratio(ratios[key])
+    num = "rl" if key.startswith("rl") else "sft"
+    field = "steps_to_target" if key.endswith("steps") else "flops_to_target"
+    bound = _at_least(r["methods"], num, opd, field)
+    return "n/a" if bound is None else f"> {bound:.1f}x"
+
+
 def _plt():
     import matplotlib
 
@@ -39,6 +71,15 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _sft_stop_at(r: dict) -> float:
+    """The SFT stage's stop accuracy (results from before --sft-stop-at: the stages preset's)."""
+    if "sft_stop_at" in r:
+        return r["sft_stop_at"]
+    from opd.experiments.demo import PRESETS
+
+    return PRESETS[r["settings"]["stages"]].sft_stop_at
 
 
 def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
@@ -71,26 +112,42 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     lines = [
         f"## math: OPD vs RL vs continued SFT from one SFT checkpoint ({len(r['seeds'])} seeds)",
         "",
-        f"Teacher {_pct(r['teacher_accuracy'])}, SFT start {_pct(r['sft_start_accuracy'])}, "
+        f"Teacher {_pct(r['teacher_accuracy'])}, SFT start {_pct(r['sft_start_accuracy'])} "
+        f"(an SFT stage that stops early at {_pct(_sft_stop_at(r))} validation accuracy"
+        + (f"; it ran {r['sft_steps']} steps" if "sft_steps" in r else "")
+        + "), "
         f"target {_pct(r['target_accuracy'])}; {r['sequences_per_step']} sampled sequences a "
-        f"step for every method, lr {r['lr']} for all (not swept); medians over seeds, a method "
-        "that reached the target in fewer than half the seeds counts as not reached.",
+        "step for every method, each at its own learning rate (the defaults were picked by "
+        "`opd experiment lr-sweep` from the demo's SFT checkpoint, on its seed 0); medians "
+        "over seeds, a seed that missed the target counting as infinitely late, so a method "
+        "that most seeds took past its budget is not reached. Accuracy is checked every few "
+        "steps, so steps to target are rounded up to the next check.",
         "",
-        "| method | steps to target | FLOPs to target | final accuracy | seeds reaching | step budget |",
-        "|---|---|---|---|---|---|",
+        "| method | lr | steps to target | FLOPs to target | final accuracy | seeds reaching | "
+        "step budget |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method, m in r["methods"].items():
         lines.append(
-            f"| {METHOD_LABEL.get(method, method)} | {_num(m['steps_to_target'])} | "
+            f"| {METHOD_LABEL.get(method, method)} | {m.get('lr', r.get('lr')):g} | "
+            f"{_num(m['steps_to_target'])} | "
             f"{_flops(m['flops_to_target'])} | {_pct(m['final_accuracy'])} | "
             f"{m['reached']}/{len(m['per_seed'])} | {m['step_budget']} |"
         )
-    ra = r["ratios"]
+    keys = ("rl_over_opd_steps", "rl_over_opd_flops", "sft_over_opd_steps", "sft_over_opd_flops")
+    ra = {k: _ratio_or_bound(r, k, "opd") for k in keys}
+    rf = {k: _ratio_or_bound(r, k, "opd-full") for k in keys}
     lines += [
         "",
-        f"RL / OPD steps: {_ratio(ra['rl_over_opd_steps'])}; continued SFT / OPD FLOPs: "
-        f"{_ratio(ra['sft_over_opd_flops'])} (also RL / OPD FLOPs {_ratio(ra['rl_over_opd_flops'])}, "
-        f"SFT / OPD steps {_ratio(ra['sft_over_opd_steps'])}).",
+        "| against | RL / OPD steps | RL / OPD FLOPs | SFT / OPD steps | SFT / OPD FLOPs |",
+        "|---|---|---|---|---|",
+    ]
+    for name, x in (("sampled-token OPD", ra), ("full-vocabulary OPD", rf)):
+        lines.append(f"| {name} | " + " | ".join(x[k] for k in keys) + " |")
+    lines += [
+        "",
+        "'> x': the numerator method missed the target within its budget, so only a lower "
+        "bound (its budget over OPD's steps or FLOPs to the target) is known.",
         "",
         "![accuracy vs step](math_steps.png) ![accuracy vs FLOPs](math_flops.png)",
         "",
@@ -99,12 +156,16 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         (
             "OPD reaches the target in far fewer optimizer steps than RL",
             "7-10x fewer steps",
-            f"RL / OPD steps {_ratio(ra['rl_over_opd_steps'])}",
+            f"RL / OPD steps {ra['rl_over_opd_steps']} (sampled-token OPD), "
+            f"{rf['rl_over_opd_steps']} (full-vocabulary OPD); SFT start "
+            f"{_pct(r['sft_start_accuracy'])}",
         ),
         (
             "OPD is cheaper per FLOP than SFT (off-policy distillation)",
             "9-30x fewer FLOPs",
-            f"continued SFT / OPD FLOPs {_ratio(ra['sft_over_opd_flops'])}",
+            f"continued SFT / OPD FLOPs {ra['sft_over_opd_flops']} (sampled-token OPD), "
+            f"{rf['sft_over_opd_flops']} (full-vocabulary OPD); SFT start "
+            f"{_pct(r['sft_start_accuracy'])}",
         ),
     ]
     return "\n".join(lines), claims
@@ -188,7 +249,35 @@ def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     return text, claims
 
 
-SECTIONS = {"math": _math, "single-prompt": _single, "self-distill": _self}
+def _sweep(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
+    lrs = r["lrs"]
+    lines = [
+        f"## lr-sweep: each method at {len(lrs)} learning rates (seed {r['seed']})",
+        "",
+        f"From the SFT checkpoint ({_pct(r['sft_start_accuracy'])}), target "
+        f"{_pct(r['target_accuracy'])}, {r['sequences_per_step']} sampled sequences a step; "
+        "accuracy on the validation split, not the test split math reports (the target is "
+        "still 95% of the teacher's test accuracy). "
+        "Each cell: steps to target (final accuracy). The picked learning rate (fewest steps "
+        "to target; if none reached it, the highest final accuracy) is in bold.",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | step budget |",
+        "|---|" + "---|" * len(lrs) + "---|",
+    ]
+    for method, m in r["methods"].items():
+        cells = []
+        for run in m["runs"]:
+            cell = f"{_num(run['steps_to_target'])} ({_pct(run['final_accuracy'])})"
+            cells.append(f"**{cell}**" if run["lr"] == m["best_lr"] else cell)
+        lines.append(
+            f"| {METHOD_LABEL.get(method, method)} | "
+            + " | ".join(cells)
+            + f" | {m['step_budget']} |"
+        )
+    return "\n".join(lines + [""]), []
+
+
+SECTIONS = {"math": _math, "lr-sweep": _sweep, "single-prompt": _single, "self-distill": _self}
 
 
 def experiment_section(result: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
@@ -213,7 +302,14 @@ def write_report(dirs: list[str], out: str | None = None) -> Path:
             raise OpdError(f"{path}: not an experiment's results (a JSON object)")
         try:
             text, rows = experiment_section(result, Path(d))
-        except (KeyError, TypeError, IndexError) as e:
+        except (
+            KeyError,
+            TypeError,
+            IndexError,
+            ValueError,
+            AttributeError,
+            statistics.StatisticsError,
+        ) as e:
             raise OpdError(
                 f"{path}: missing or malformed field ({type(e).__name__}: {e})"
             ) from None
