@@ -34,7 +34,9 @@ class ExperimentSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     prompts: int = 32  # per step; x group = sampled sequences per step, for every method
     group: int = 4
-    # Per-method learning rates: the winners of `opd experiment lr-sweep` (docs/experiments/lr-sweep).
+    # Per-method learning rates from `opd experiment lr-sweep` (docs/experiments/lr-sweep). Its
+    # seed-100 run ties 1e-4 and 3e-4 on steps to target for opd-full (60) and sft (40) and
+    # picks 1e-4 on final accuracy; 3e-4 is what its seed-0 run (commit cf606c8) picked outright.
     opd_lr: float = 3e-4
     opd_full_lr: float = 3e-4
     rl_lr: float = 1e-4
@@ -43,7 +45,7 @@ class ExperimentSettings:
     rl_steps: int = 600  # from a low start (--sft-stop-at 0.1) RL is still climbing at 300
     sft_steps: int = 300
     sweep_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
-    sweep_seed: int = 0
+    sweep_seed: int = 100  # not one of math's seeds, so no math run repeats a sweep run
     sweep_steps: tuple[int, int, int] = (150, 300, 300)  # budgets of OPD, RL, SFT in lr-sweep
     eval_every: int = 10
     target_share: float = 0.95  # of the teacher's accuracy
@@ -239,8 +241,8 @@ def run_math(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, log) -> 
 
 
 def _pick(runs: list[dict]) -> float:
-    """The learning rate that reached the target in the fewest steps; if none did, the one with
-    the highest final accuracy."""
+    """The learning rate that reached the target in the fewest steps (ties: the higher final
+    accuracy, then the first in the grid); if none did, the one with the highest final accuracy."""
     reached = [r for r in runs if r["steps_to_target"] is not None]
     if reached:
         return min(reached, key=lambda r: (r["steps_to_target"], -r["final_accuracy"]))["lr"]

@@ -117,8 +117,8 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         + (f"; it ran {r['sft_steps']} steps" if "sft_steps" in r else "")
         + "), "
         f"target {_pct(r['target_accuracy'])}; {r['sequences_per_step']} sampled sequences a "
-        "step for every method, each at its own learning rate (the defaults were picked by "
-        "`opd experiment lr-sweep` from the demo's SFT checkpoint, on its seed 0); medians "
+        "step for every method, each at its own learning rate (the defaults come from "
+        "`opd experiment lr-sweep` on the demo's SFT checkpoint); medians "
         "over seeds, a seed that missed the target counting as infinitely late, so a method "
         "that most seeds took past its budget is not reached. Accuracy is checked every few "
         "steps, so steps to target are rounded up to the next check.",
@@ -259,7 +259,8 @@ def _sweep(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         "accuracy on the validation split, not the test split math reports (the target is "
         "still 95% of the teacher's test accuracy). "
         "Each cell: steps to target (final accuracy). The picked learning rate (fewest steps "
-        "to target; if none reached it, the highest final accuracy) is in bold.",
+        "to target, then the higher final accuracy, then the first in the grid; if none "
+        "reached it, the highest final accuracy) is in bold.",
         "",
         "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | step budget |",
         "|---|" + "---|" * len(lrs) + "---|",
