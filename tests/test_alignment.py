@@ -150,22 +150,35 @@ def test_sample_token_topk_topp_logprobs_are_renormalised():
     assert lp.exp().item() == pytest.approx(p[t.item()].item(), rel=1e-5)
 
 
-def test_inverse_cdf_sampling_follows_the_distribution_and_skips_masked_tokens():
+@pytest.mark.parametrize("block", [1024, 3, 2])  # one level; two levels with a short last block
+def test_inverse_cdf_sampling_follows_the_distribution_and_skips_masked_tokens(block):
     probs = torch.tensor([0.0, 0.1, 0.0, 0.25, 0.05, 0.6, 0.0])  # zeros first, between, last
-    logp_BV = probs.log().expand(50_000, -1)
-    token_B = inverse_cdf_sample(logp_BV, torch.Generator().manual_seed(0))
+    p_BV = (probs * 3.0).expand(50_000, -1)  # unnormalised
+    token_B, mass_B = inverse_cdf_sample(p_BV, torch.Generator().manual_seed(0), block=block)
+    assert torch.allclose(mass_B, torch.full((50_000,), 3.0, dtype=torch.float64))
     counts = torch.bincount(token_B, minlength=len(probs))
     assert counts[probs == 0].sum() == 0
     live = probs > 0
     expected = probs[live].double() * 50_000
     chi2 = ((counts[live] - expected) ** 2 / expected).sum()
     assert chi2 < 16.27  # chi-square, 3 degrees of freedom: exceeded by chance with p = 0.001
-    # a wide vocabulary where every row is near one-hot at a different id
+
+
+def test_inverse_cdf_sampling_over_a_wide_vocabulary():
+    # every row near one-hot at a different id, in full blocks and in the short last block
     logits_BV = torch.full((64, 32_000), -30.0)
     target_B = torch.randperm(32_000, generator=torch.Generator().manual_seed(1))[:64]
+    target_B[:4] = torch.tensor([0, 1023, 31_743, 31_999])  # block edges; 31_744+ is the tail
     logits_BV[torch.arange(64), target_B] = 30.0
-    token_B = inverse_cdf_sample(torch.log_softmax(logits_BV, -1), torch.Generator())
+    token_B, _ = inverse_cdf_sample(torch.softmax(logits_BV, -1), torch.Generator())
     assert torch.equal(token_B, target_B)
+    # a spread distribution: the same draws as one cumulative sum over the whole row
+    p_BV = torch.softmax(torch.randn(64, 32_000, generator=torch.Generator().manual_seed(2)), -1)
+    token_B, _ = inverse_cdf_sample(p_BV, torch.Generator().manual_seed(3))
+    u_B1 = torch.rand((64, 1), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cdf_BV = p_BV.double().cumsum(-1)
+    flat_B = torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True).squeeze(-1)
+    assert torch.equal(token_B, flat_B)
 
 
 def test_sampler_first_token_distribution_matches_the_model(models, tok):

@@ -115,6 +115,42 @@ def test_sampler_logprobs_equal_trainer_logprobs(tok, arch):
     assert torch.equal(batch.attention_mask_BT[:, :P], ref.attention_mask_BT[:, :P])
 
 
+def test_wide_lm_head_is_packed_and_matches_the_trainer(tok, monkeypatch):
+    import opd.samplers.kv as kv
+    from opd.packed import PackedLinears, packing_works
+
+    if not packing_works():
+        pytest.skip("this torch build lacks oneDNN linear")
+    made = []
+
+    class Spy(PackedLinears):
+        def __init__(self, only=None):
+            super().__init__(only)
+            made.append(self)
+
+    monkeypatch.setattr(kv, "PACK_HEAD_MIN", 0)  # this tiny head counts as wide
+    monkeypatch.setattr(kv, "PackedLinears", Spy)
+    model = model_for(tok, "qwen2")  # padded vocabulary: the packed head's extra rows are cut
+    batch = kv_sampler(model, tok, 10).sample(as_prompts(tok), 2, torch.Generator().manual_seed(0))
+    assert_matches_trainer(model, tok, batch)
+    assert len(made) == 1 and list(made[0].packed) == [id(model.lm_head)]
+
+
+def test_mlp_with_another_activation_matches_the_trainer(tok):
+    """The decode loop takes SiLU in place and calls any other activation module as is."""
+    from transformers.activations import ACT2FN
+
+    model = model_for(tok, "llama", seed=3)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = ACT2FN["gelu"]
+    batch = kv_sampler(model, tok, 10).sample(as_prompts(tok), 2, torch.Generator().manual_seed(0))
+    assert_matches_trainer(model, tok, batch)
+    silu = model_for(tok, "llama", seed=3)
+    same = kv_sampler(silu, tok, 10).sample(as_prompts(tok), 2, torch.Generator().manual_seed(0))
+    m_BT = batch.completion_mask_BT & same.completion_mask_BT
+    assert not torch.allclose(batch.sampler_lp_BT[m_BT], same.sampler_lp_BT[m_BT], atol=1e-3)
+
+
 def test_bfloat16_model_samples_in_its_dtype(tok):
     model = model_for(tok, "qwen3").to(torch.bfloat16)
     batch = kv_sampler(model, tok, 8).sample(as_prompts(tok), 2, torch.Generator().manual_seed(0))
@@ -371,6 +407,17 @@ def test_kv_supported_names_the_reason(tok):
     llama = model_for(tok, "llama")
     llama.model.layers[1].register_forward_hook(lambda *a: None)  # we would bypass it
     assert "forward hooks on LlamaDecoderLayer" in kv_supported(llama)
+    llama = model_for(tok, "llama")
+    llama.model.layers[0].mlp.register_forward_pre_hook(lambda *a: None)
+    assert "forward hooks on LlamaMLP" in kv_supported(llama)
+
+    class OtherMLP(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    llama = model_for(tok, "llama")
+    llama.model.layers[1].mlp = OtherMLP()
+    assert "MLP OtherMLP is not LlamaMLP" in kv_supported(llama)
     dynamic = tiny.tiny_model(tok, hidden=32, layers=1)
     dynamic.model.rotary_emb.rope_type = "dynamic"
     assert "rotary type 'dynamic'" in kv_supported(dynamic)

@@ -159,3 +159,41 @@ def test_hooks_on_the_head_take_the_plain_path(tok):
     assert plain_head(model) is None
     handle.remove()
     assert plain_head(model) is not None
+
+
+def test_scratch_buffer_is_reused_per_thread_and_per_inference_mode():
+    import threading
+
+    from opd.heads import scratch
+
+    cpu = torch.device("cpu")
+    a = scratch(4, 10, torch.float32, cpu)
+    b = scratch(2, 10, torch.float32, cpu)  # smaller: a view of the same memory
+    assert a.shape == (4, 10) and b.shape == (2, 10) and b.data_ptr() == a.data_ptr()
+    c = scratch(8, 10, torch.float32, cpu)  # larger: a new buffer, kept from then on
+    assert c.data_ptr() == scratch(8, 10, torch.float32, cpu).data_ptr()
+    with torch.inference_mode():
+        d = scratch(4, 10, torch.float32, cpu)
+        assert d.is_inference() and d.data_ptr() != c.data_ptr()
+    c.fill_(1.0)  # a normal buffer can still be written outside inference mode
+    other = []
+    t = threading.Thread(target=lambda: other.append(scratch(8, 10, torch.float32, cpu)))
+    t.start()
+    t.join()
+    assert other[0].data_ptr() != c.data_ptr()  # a thread pool's requests never share one
+
+
+def test_head_logits_keep_autocast_and_weight_precision():
+    from opd.heads import head_logits
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(5, 16, generator=g), torch.randn(30, 16, generator=g)
+    exact = h @ w.T
+    assert torch.allclose(head_logits(h, w), exact, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # out= would have multiplied in fp32
+        amp = head_logits(h, w).clone()
+    assert amp.dtype == torch.float32
+    assert torch.equal(amp, (h.bfloat16() @ w.bfloat16().T).float())
+    assert not torch.allclose(amp, exact, atol=1e-4)
+    bf16 = head_logits(h.bfloat16(), w.bfloat16())
+    assert torch.equal(bf16, (h.bfloat16() @ w.bfloat16().T).float())

@@ -62,6 +62,30 @@ def test_one_token_completions_and_the_local_teacher(tok):
     assert torch.allclose(teacher.score(b)[m], ref_BT[m], atol=1e-5)
 
 
+def test_local_teacher_packs_its_layers_once_and_scores_the_same(tok, monkeypatch):
+    from opd.packed import PackedLinears, call_module, packing_works
+
+    if not packing_works():
+        pytest.skip("this torch build lacks oneDNN linear")
+    model = tiny.tiny_model(tok, arch="qwen3", hidden=32, layers=2, seed=4).eval()
+    b = rollouts(model, tok, seed=5)
+    with torch.inference_mode():
+        ref_BT = completion_logprobs(
+            model, b.tokens_BT, b.attention_mask_BT, b.prompt_len, len(tok)
+        )
+    teacher = LocalTeacher(model, len(tok))
+    assert isinstance(teacher.linear, PackedLinears)
+    m = b.completion_mask_BT
+    assert torch.allclose(teacher.score(b)[m], ref_BT[m], atol=1e-5)
+    projections = [mod for mod in model.modules() if type(mod) is torch.nn.Linear]
+    packed = dict(teacher.linear.packed)
+    assert len(packed) == len(projections) - 1  # every layer but the LM head (chunked apart)
+    teacher.score(b)  # a second step reuses the packed weights
+    assert all(teacher.linear.packed[k][1] is v[1] for k, v in packed.items())
+    monkeypatch.setattr("opd.teachers.local.PACK_TEACHER_MAX_BYTES", 0)
+    assert LocalTeacher(model, len(tok)).linear is call_module  # too big to keep a copy
+
+
 def test_models_the_decoder_does_not_mirror_score_row_by_row(tok):
     from transformers import GPT2Config, GPT2LMHeadModel
 

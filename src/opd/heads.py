@@ -23,6 +23,7 @@ else (a LoRA-wrapped head, Gemma soft-capping, a hook that edits logits) takes t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,41 @@ from opd.models import inner_model
 from opd.types import position_ids
 
 POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+_scratch = threading.local()  # per thread: the teacher server scores requests in a thread pool
+
+
+def scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (rows, cols) buffer for one chunk of logits, reused from call to call on a CPU.
+
+    A fresh allocation that large (512 x 32k floats is 64 MB) is mapped anew by the C
+    allocator every time, and its first write page-faults: ~40% of the LM head's matrix
+    multiply on this project's CPU (`python benchmarks/hot_paths.py`). CUDA's caching
+    allocator already reuses memory, so other devices get a fresh tensor. The buffer stays
+    allocated (the peak was that size anyway); inference-mode and normal tensors are kept
+    apart, since one cannot be written in place under the other mode.
+    """
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    key = (dtype, torch.is_inference_mode_enabled())
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        buf = buffers[key] = torch.empty(rows * cols, dtype=dtype)
+    return buf[: rows * cols].view(rows, cols)
+
+
+def head_logits(h_nH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
+    """float32 (n, V) logits h @ W.T in a scratch buffer (valid until the next call).
+
+    Lower precision (bf16 weights, or autocast, which `out=` would bypass) multiplies in its
+    own dtype first, as `(h @ W.T).float()` does.
+    """
+    z_nV = scratch(h_nH.shape[0], weight_VH.shape[0], torch.float32, h_nH.device)
+    plain = h_nH.dtype == weight_VH.dtype == torch.float32
+    if plain and not torch.is_autocast_enabled(h_nH.device.type):
+        return torch.mm(h_nH, weight_VH.T, out=z_nV)
+    return z_nV.copy_(h_nH @ weight_VH.T)
 
 
 def post_head_scaling(model) -> str | None:
@@ -108,7 +144,7 @@ def token_logprobs_chunked(
     with torch.no_grad():
         for start in range(0, tokens_N.shape[0], chunk_tokens):
             sl = slice(start, start + chunk_tokens)
-            z_nV = (hidden_NH[sl] @ weight_VH.T).float()
+            z_nV = head_logits(hidden_NH[sl], weight_VH)
             picked_n = z_nV.gather(-1, tokens_N[sl, None]).squeeze(-1)
             max_n1 = z_nV.amax(-1, keepdim=True)
             sum_n = z_nV.sub_(max_n1).exp_().sum(-1)  # in place: one (n, V) buffer
@@ -162,7 +198,7 @@ class _FusedTokenLoss(torch.autograd.Function):
         for start in range(0, N, chunk_tokens):
             sl = slice(start, start + chunk_tokens)
             h_nH, tok_n1 = hidden_NH[sl], tokens_N[sl, None]
-            z_nV = (h_nH @ W_VH.T).float()
+            z_nV = head_logits(h_nH, W_VH)
             picked_n = z_nV.gather(-1, tok_n1).squeeze(-1)
             max_n1 = z_nV.amax(-1, keepdim=True)
             e_nV = z_nV.sub_(max_n1).exp_()  # in place: the logits are not needed again

@@ -44,7 +44,8 @@ def sample_token(
     if temperature == 0:
         token_B = logits_BV.argmax(-1)
         return token_B, torch.log_softmax(logits_BV, -1).gather(-1, token_B[:, None]).squeeze(-1)
-    logits_BV = logits_BV / temperature
+    if temperature != 1.0:
+        logits_BV = logits_BV / temperature
     neg_inf = torch.finfo(logits_BV.dtype).min
     if top_k > 0 and top_k < logits_BV.shape[-1]:
         kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
@@ -56,26 +57,49 @@ def sample_token(
         drop_BV = (probs_BV.cumsum(-1) - probs_BV) >= top_p
         drop_BV = torch.zeros_like(drop_BV).scatter(-1, order_BV, drop_BV)
         logits_BV = logits_BV.masked_fill(drop_BV, neg_inf)
-    logp_BV = torch.log_softmax(logits_BV, -1)
-    token_B = inverse_cdf_sample(logp_BV, generator)
-    return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(-1)
+    max_B1 = logits_BV.amax(-1, keepdim=True)
+    p_BV = (logits_BV - max_B1).exp_()  # unnormalised probabilities: one pass, one buffer
+    token_B, mass_B = inverse_cdf_sample(p_BV, generator)
+    picked_B = logits_BV.gather(-1, token_B[:, None]).squeeze(-1)
+    return token_B, picked_B - max_B1.squeeze(-1) - mass_B.log().float()
 
 
-def inverse_cdf_sample(logp_BV: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from log-probs, by one uniform draw against the cumulative distribution.
+def inverse_cdf_sample(
+    p_BV: torch.Tensor, generator: torch.Generator, block: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row in proportion to p_BV (>= 0, unnormalised); returns (token_B, the
+    row's total mass_B in float64).
 
-    Exactly torch.multinomial's distribution, but one random number per row instead of work per
-    vocabulary entry: on a CPU, multinomial over 64 x 32k entries costs ~47 ms, this ~5 ms. The
-    cumulative sum is float64, so rounding cannot move a boundary by more than ~1e-16 of mass;
-    right=True never returns a zero-probability token (its cumulative value equals the one
-    before it).
+    One uniform draw per row against the cumulative distribution, in two levels: the draw
+    first picks a block of `block` entries by the blocks' cumulative mass, then an entry
+    inside that block. torch.multinomial's distribution, with one pass over the vocabulary
+    instead of multinomial's work per entry or a full float64 cumulative sum
+    (`python benchmarks/hot_paths.py`). A block's mass is summed in float32 (relative error
+    ~1e-7, the precision of the float32 probabilities themselves), the cumulative sums in
+    float64. A zero-mass entry or block is never picked: the search takes the first cumulative
+    value above the draw, and the draw stays below the picked block's own total.
     """
-    cdf_BV = logp_BV.exp().cumsum(-1, dtype=torch.float64)
-    u_B1 = torch.rand(
-        (logp_BV.shape[0], 1), generator=generator, dtype=torch.float64, device=logp_BV.device
+    B, V = p_BV.shape
+    n_full = V // block * block if V > block else 0
+    sums = [p_BV[:, :n_full].unflatten(1, (-1, block)).sum(-1)] if n_full else []
+    if n_full < V:
+        sums.append(p_BV[:, n_full:].sum(-1, keepdim=True))
+    cdf_BN = torch.cat(sums, 1).double().cumsum(-1)  # (B, blocks)
+    u_B1 = torch.rand((B, 1), generator=generator, dtype=torch.float64, device=p_BV.device)
+    draw_B1 = u_B1 * cdf_BN[:, -1:]
+    blk_B1 = torch.searchsorted(cdf_BN, draw_B1, right=True).clamp_(max=cdf_BN.shape[1] - 1)
+    before_B1 = torch.where(blk_B1 > 0, cdf_BN.gather(1, (blk_B1 - 1).clamp(min=0)), 0.0)
+    width = block if n_full else V
+    col_BK = blk_B1 * block + torch.arange(width, device=p_BV.device)
+    inside_BK = col_BK < V  # the last block may be short
+    w_BK = p_BV.gather(1, col_BK.clamp(max=V - 1)).double().masked_fill_(~inside_BK, 0.0)
+    inner_BK = w_BK.cumsum(-1)
+    # below the block's own total (its sum and this cumulative sum may round apart)
+    rest_B1 = torch.minimum(
+        draw_B1 - before_B1, torch.nextafter(inner_BK[:, -1:], torch.zeros_like(before_B1))
     )
-    token_B1 = torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True)
-    return token_B1.squeeze(-1).clamp_(max=logp_BV.shape[-1] - 1)
+    k_B1 = torch.searchsorted(inner_BK, rest_B1, right=True).clamp_(max=width - 1)
+    return col_BK.gather(1, k_B1).squeeze(-1), cdf_BN[:, -1]
 
 
 class HFSampler:

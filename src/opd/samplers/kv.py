@@ -5,15 +5,18 @@ decode loop is ours: one (layers, K/V, B, kv_heads, Lp + max_new_tokens, head_di
 in place; attention by `scaled_dot_product_attention` over the cache with an additive padding
 mask built once; rotary cos/sin tabled once per batch by the model's own `rotary_emb`; each
 prompt prefilled once for its whole group; finished rows dropped from the batch once a quarter
-of the active rows have hit a stop id. Everything but the attention arithmetic is the model's
-own submodules (embedding, norms, q/k/v/o projections, Qwen3's q_norm/k_norm, MLP, LM head), so
-weights are shared and peft's LoRA layers apply.
+of the active rows have hit a stop id. Everything but the attention arithmetic and the MLP's
+product (its activation and product are taken in place) is the model's own submodules
+(embedding, norms, q/k/v/o and MLP projections, the activation, Qwen3's q_norm/k_norm, LM head),
+so weights are shared and peft's LoRA layers apply. On a CPU, a wide plain LM head (1M weights
+or more) runs through a oneDNN copy of its weight packed once per batch (`opd.packed`).
 
 Left out on purpose: sliding-window attention, dynamic/longrope rotary scaling, logit
 softcapping, custom attention functions, accelerate-dispatched models and forward hooks on the
-modules whose forward we bypass (the model, decoder layers, attention): `kv_supported` names the
-reason and `make_sampler` falls back to `HFSampler`. Also no CUDA graphs, torch.compile, paged
-or prefix-shared attention (the G rows of a prompt each read their own copy of its K/V).
+modules whose forward we bypass (the model, decoder layers, attention, MLP): `kv_supported`
+names the reason and `make_sampler` falls back to `HFSampler`. Also no CUDA graphs,
+torch.compile, paged or prefix-shared attention (the G rows of a prompt each read their own
+copy of its K/V).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import SiLUActivation
 
 from opd.data import Prompt
 from opd.errors import OpdError
+from opd.heads import plain_head
 from opd.models import inner_model
+from opd.packed import PackedLinears, call_module
 from opd.samplers.hf import sample_token
 from opd.types import Rollouts, position_ids
 
@@ -41,6 +47,8 @@ ARCHS = {
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 # Attention implementations that all compute plain softmax attention (what we mirror).
 PLAIN_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+SILU = (SiLUActivation, torch.nn.SiLU)
+PACK_HEAD_MIN = 1 << 20  # LM-head weights at least this large are packed for decoding (1M)
 
 
 def kv_supported(model) -> str | None:
@@ -64,6 +72,8 @@ def kv_supported(model) -> str | None:
             return f"decoder layer {type(layer).__name__} is not {prefix}DecoderLayer"
         if type(attn) is not getattr(modeling, f"{prefix}Attention"):
             return f"attention {type(attn).__name__} is not {prefix}Attention"
+        if type(layer.mlp) is not getattr(modeling, f"{prefix}MLP"):
+            return f"MLP {type(layer.mlp).__name__} is not {prefix}MLP"
         if getattr(attn, "sliding_window", None) is not None:
             return "sliding-window attention"
     if model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
@@ -83,7 +93,7 @@ def kv_supported(model) -> str | None:
         return f"custom attention implementation {impl!r}"
     if len(set(getattr(m, "hf_device_map", {}).values())) > 1:
         return "the model is split across devices (hf_device_map)"
-    bypassed = [model, m, m.model, *layers, *attns]
+    bypassed = [model, m, m.model, *layers, *attns, *(layer.mlp for layer in layers)]
     for mod in bypassed:
         if mod._forward_hooks or mod._forward_pre_hooks:
             return f"forward hooks on {type(mod).__name__} (its forward is bypassed)"
@@ -102,6 +112,9 @@ def attend(q_AHLD, k_AKSD, v_AKSD, mask_A1LS, scale: float) -> torch.Tensor:
 
     Grouped-query attention without copying the cache: the G query heads that share a kv head
     become G * L query rows against that head (HF's repeat_kv maps head h to kv head h // G).
+    (Two batched matrix multiplies around a softmax were tried on the CPU: in some processes
+    1.8x faster than SDPA for the teacher's 31 x 40 rows, in others 1.6x slower;
+    `python benchmarks/hot_paths.py` shows which this machine gets.)
     """
     A, H, L, D = q_AHLD.shape
     K = k_AKSD.shape[1]
@@ -116,19 +129,30 @@ def attend(q_AHLD, k_AKSD, v_AKSD, mask_A1LS, scale: float) -> torch.Tensor:
     return out_AKMD.view(A, H, L, D).transpose(1, 2).reshape(A * L, H * D)
 
 
-def decoder_layer(layer, x_ME, cos_AL1D, sin_AL1D, mask_A1LS, kv, start: int, last_only=False):
+def mlp(module, h_ME: torch.Tensor, linear=call_module) -> torch.Tensor:
+    """down(act(gate(h)) * up(h)), the Llama-family MLP, without its two temporaries: the
+    activation and the product are taken in place (inference only)."""
+    g_MI = linear(module.gate_proj, h_ME)
+    g_MI = F.silu(g_MI, inplace=True) if type(module.act_fn) in SILU else module.act_fn(g_MI)
+    return linear(module.down_proj, g_MI.mul_(linear(module.up_proj, h_ME)))
+
+
+def decoder_layer(
+    layer, x_ME, cos_AL1D, sin_AL1D, mask_A1LS, kv, start: int, last_only=False, linear=call_module
+):
     """One decoder layer on L new tokens per row (M = A * L rows of x, row-major).
 
     Their keys and values go to cache columns [start, start + L) of kv = (K_AKSD, V_AKSD).
     last_only: return the last token's output only (the prompt's last layer: (A, E)).
+    linear(module, x) runs the projections (`packed.PackedLinears` for a frozen teacher).
     """
     attn = layer.self_attn
     A, L = cos_AL1D.shape[:2]
     D = attn.head_dim
     h_ME = layer.input_layernorm(x_ME)
-    q_ALHD = attn.q_proj(h_ME).view(A, L, -1, D)
-    k_ALKD = attn.k_proj(h_ME).view(A, L, -1, D)
-    v_ALKD = attn.v_proj(h_ME).view(A, L, -1, D)
+    q_ALHD = linear(attn.q_proj, h_ME).view(A, L, -1, D)
+    k_ALKD = linear(attn.k_proj, h_ME).view(A, L, -1, D)
+    v_ALKD = linear(attn.v_proj, h_ME).view(A, L, -1, D)
     if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before the rotary embedding
         q_ALHD, k_ALKD = attn.q_norm(q_ALHD), attn.k_norm(k_ALKD)
     H = q_ALHD.shape[2]
@@ -142,8 +166,8 @@ def decoder_layer(layer, x_ME, cos_AL1D, sin_AL1D, mask_A1LS, kv, start: int, la
         q_AHLD, mask_A1LS = q_AHLD[:, :, -1:], mask_A1LS[:, :, -1:]
         x_ME = x_ME.view(A, L, -1)[:, -1]
     o_MF = attend(q_AHLD, k_AKSD[:, :, :end], v_AKSD[:, :, :end], mask_A1LS, attn.scaling)
-    x_ME = x_ME + attn.o_proj(o_MF)
-    return x_ME + layer.mlp(layer.post_attention_layernorm(x_ME))
+    x_ME = x_ME + linear(attn.o_proj, o_MF)
+    return x_ME + mlp(layer.mlp, layer.post_attention_layernorm(x_ME), linear)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,14 +197,19 @@ def rotary_tables(core, x: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Te
     return cos_1SD[0], sin_1SD[0] * sign_D
 
 
-def prefill(model, tokens_BL, attention_BL, S: int, head: bool = True):
+def prefill(
+    model, tokens_BL, attention_BL, S: int, head: bool = True, rows_R=None, linear=call_module
+):
     """Run the prompts, filling cache columns [0, L); returns (last logits_BV, cache, cos, sin).
 
     head=False returns the last position's final-normed hidden state (B, E) instead of logits.
+    rows_R: the cache gets R rows, row r holding prompt rows_R[r]'s keys and values (each
+    prompt runs once for the rows that share it); default one row per prompt.
 
-    The cache is one (layers, 2, B, kv_heads, S, head_dim) tensor: dropping rows is one
-    index_select. Every query also sees itself, so a pad query's row is never fully masked (a
-    NaN there would reach the real rows through NaN * 0 in the attention's value sum).
+    The cache is one (layers, 2, R, kv_heads, S, head_dim) tensor: dropping rows is one
+    index_select. Columns from L on are left unset: callers write a column before any query
+    reads it. Every query also sees itself, so a pad query's row is never fully masked (a NaN
+    there would reach the real rows through NaN * 0 in the attention's value sum).
     """
     core = model.model
     layers = core.layers[: model.config.num_hidden_layers]
@@ -192,17 +221,22 @@ def prefill(model, tokens_BL, attention_BL, S: int, head: bool = True):
     causal_LL = torch.ones_like(eye_LL).tril()
     seen_B1LL = ((causal_LL & attention_BL.bool()[:, None, :]) | eye_LL)[:, None]
     mask_B1LL = additive(seen_B1LL, x_BLE.dtype)
-    kv_shape = (2, B, model.config.num_key_value_heads, S, layers[0].self_attn.head_dim)
-    cache_Y2BKSD = x_BLE.new_zeros((len(layers), *kv_shape))
+    kv_shape = (2, B, model.config.num_key_value_heads, L, layers[0].self_attn.head_dim)
+    cache_Y2BKLD = x_BLE.new_empty((len(layers), *kv_shape))
     cos_BL1D, sin_BL1D = cos_SD[pos_BL][:, :, None], sin_SD[pos_BL][:, :, None]
     x_ME = x_BLE.view(B * L, -1)
     for y, layer in enumerate(layers):
         last = y == len(layers) - 1  # only K/V of the earlier positions are needed from here
         x_ME = decoder_layer(
-            layer, x_ME, cos_BL1D, sin_BL1D, mask_B1LL, cache_Y2BKSD[y], 0, last_only=last
+            layer, x_ME, cos_BL1D, sin_BL1D, mask_B1LL, cache_Y2BKLD[y], 0, last, linear
         )
     out = core.norm(x_ME)
-    return model.lm_head(out) if head else out, cache_Y2BKSD, cos_SD, sin_SD
+    if rows_R is None:
+        rows_R = torch.arange(B, device=x_BLE.device)
+    Y, _, _, K, _, D = cache_Y2BKLD.shape
+    cache_Y2RKSD = x_BLE.new_empty((Y, 2, rows_R.shape[0], K, S, D))
+    cache_Y2RKSD[..., :L, :] = cache_Y2BKLD[:, :, rows_R]  # only the prompt's columns are copied
+    return linear(model.lm_head, out) if head else out, cache_Y2RKSD, cos_SD, sin_SD
 
 
 @dataclass
@@ -291,9 +325,16 @@ class KVCacheSampler:
         prompt_PL, attention_PL = left_pad(prompts_P, self.pad_id, device)
         Lp = prompt_PL.shape[1]
         # Each prompt runs once; its G rows (prompt-major) share the prefilled cache and logits.
-        logits_PV, cache_Y2PKSD, cos_SD, sin_SD = prefill(model, prompt_PL, attention_PL, Lp + N)
-        logits_AV = logits_PV.repeat_interleave(G, 0)
-        cache_Y2AKSD = cache_Y2PKSD.repeat_interleave(G, 2)
+        rows_A = torch.arange(len(prompts_P), device=device).repeat_interleave(G)
+        # a wide LM head is packed once for all the decode steps (packed.py); the body's
+        # short multiplies gain nothing from it
+        head = plain_head(model)
+        wide = head is not None and head.weight.numel() >= PACK_HEAD_MIN
+        head_linear = PackedLinears(only=[head]) if wide else call_module
+        logits_PV, cache_Y2AKSD, cos_SD, sin_SD = prefill(
+            model, prompt_PL, attention_PL, Lp + N, rows_R=rows_A, linear=head_linear
+        )
+        logits_AV = logits_PV[rows_A]
         prompt_BL = prompt_PL.repeat_interleave(G, 0)
         attention_BL = attention_PL.repeat_interleave(G, 0)
         s = Active.start(attention_BL, N, cos_SD, sin_SD, self.pad_id)
@@ -322,7 +363,7 @@ class KVCacheSampler:
             mask_A11C = s.mask_A11S[..., : Lp + i + 1]
             for layer, kv in zip(layers, cache_Y2AKSD, strict=True):
                 x_AE = decoder_layer(layer, x_AE, cos_A11D, sin_A11D, mask_A11C, kv, Lp + i)
-            logits_AV = model.lm_head(core.norm(x_AE))
+            logits_AV = head_linear(model.lm_head, core.norm(x_AE))
 
         parts = [*dropped, s]  # every row once, in the order they left the batch
         order_B = torch.cat([p.rows_A for p in parts]).argsort()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from opd.heads import plain_head, score_completions
+from opd.packed import PackedLinears, call_module
 from opd.scoring import completion_logprobs, completion_topk
 from opd.teachers.shared_prompt import (
     contiguous_completions,
@@ -12,6 +13,10 @@ from opd.teachers.shared_prompt import (
     shared_prompt_supported,
 )
 from opd.types import Rollouts, autocast_context
+
+# A teacher whose linear weights fit in this many bytes keeps a packed copy of them for the
+# shared-prompt pass (packed.py): 1.2-1.4x faster multiplies on a CPU for twice the memory.
+PACK_TEACHER_MAX_BYTES = 1 << 30
 
 
 class LocalTeacher:
@@ -28,6 +33,12 @@ class LocalTeacher:
         self.autocast = autocast
         self.vocab_size = vocab_size
         self.micro_batch_size = micro_batch_size
+        linear_bytes = sum(
+            m.weight.numel() * m.weight.element_size()
+            for m in model.modules()
+            if type(m) is torch.nn.Linear
+        )
+        self.linear = PackedLinears() if linear_bytes <= PACK_TEACHER_MAX_BYTES else call_module
 
     @property
     def shared_prompts(self) -> bool:
@@ -62,7 +73,12 @@ class LocalTeacher:
                 ):  # each distinct prompt once, no (B, T, V) logits
                     mask_BT = mb.completion_mask_BT.to(device)
                     lp_BT = score_shared_prompts(
-                        *args[:3], mask_BT, rollouts.prompt_len, self.vocab_size, self.chunk
+                        *args[:3],
+                        mask_BT,
+                        rollouts.prompt_len,
+                        self.vocab_size,
+                        self.chunk,
+                        self.linear,
                     )
                 elif plain_head(self.model) is not None:  # no (B, T, V) logits
                     mask_BT = mb.completion_mask_BT.to(device)

@@ -20,6 +20,7 @@ import torch
 
 from opd.heads import logprobs_at, plain_head
 from opd.models import inner_model
+from opd.packed import call_module
 from opd.samplers.kv import additive, decoder_layer, kv_supported, prefill
 
 
@@ -35,9 +36,19 @@ def contiguous_completions(attention_mask_BT: torch.Tensor, prompt_len: int) -> 
 
 
 def score_shared_prompts(
-    model, tokens_BT, attention_mask_BT, completion_mask_BT, prompt_len: int, vocab_size: int, chunk
+    model,
+    tokens_BT,
+    attention_mask_BT,
+    completion_mask_BT,
+    prompt_len: int,
+    vocab_size: int,
+    chunk,
+    linear=call_module,
 ) -> torch.Tensor:
-    """(B, T) float32 log-probs of the completion tokens (0 elsewhere); call under inference_mode."""
+    """(B, T) float32 log-probs of the completion tokens (0 elsewhere); call under inference_mode.
+
+    linear(module, x) runs the projections (LocalTeacher passes `packed.PackedLinears`).
+    """
     model = inner_model(model)
     core = model.model
     layers = core.layers[: model.config.num_hidden_layers]
@@ -46,12 +57,11 @@ def score_shared_prompts(
     prompt_B2L = torch.stack([tokens_BT[:, :Lp], attention_mask_BT[:, :Lp]], 1)
     unique_U2L, row_to_u_B = torch.unique(prompt_B2L, dim=0, return_inverse=True)
     # hidden_U: the last prompt position's hidden state, which predicts completion column Lp
-    hidden_UE, cache_Y2UKSD, cos_SD, sin_SD = prefill(
-        model, unique_U2L[:, 0], unique_U2L[:, 1], T - 1, head=False
+    hidden_UE, cache_Y2BKSD, cos_SD, sin_SD = prefill(
+        model, unique_U2L[:, 0], unique_U2L[:, 1], T - 1, False, row_to_u_B, linear
     )
     hidden_BCE = hidden_UE[row_to_u_B][:, None]
     if L > 0:
-        cache_Y2BKSD = cache_Y2UKSD.index_select(2, row_to_u_B)
         attention_BL = attention_mask_BT[:, :Lp]
         pos_BL = attention_BL.sum(-1, keepdim=True) + torch.arange(L, device=tokens_BT.device)
         cos_BL1D, sin_BL1D = cos_SD[pos_BL][:, :, None], sin_SD[pos_BL][:, :, None]
@@ -67,7 +77,9 @@ def score_shared_prompts(
         mask_B1LS = additive(seen_B1LS, core.embed_tokens.weight.dtype)
         x_ME = core.embed_tokens(tokens_BT[:, Lp : T - 1]).reshape(B * L, -1)
         for layer, kv in zip(layers, cache_Y2BKSD, strict=True):
-            x_ME = decoder_layer(layer, x_ME, cos_BL1D, sin_BL1D, mask_B1LS, kv, Lp)
+            x_ME = decoder_layer(
+                layer, x_ME, cos_BL1D, sin_BL1D, mask_B1LS, kv, Lp, linear=linear
+            )
         hidden_BCE = torch.cat([hidden_BCE, core.norm(x_ME).view(B, L, -1)], 1)
     rows_N, cols_N = completion_mask_BT.nonzero(as_tuple=True)
     h_NE = hidden_BCE[rows_N, cols_N - Lp]

@@ -1,0 +1,174 @@
+"""The CPU choices inside opd's decode loop, teacher scoring and LM-head chunks, each timed
+against the plain alternative on the shapes of benchmarks/vs_trl.py (fp32, 2 threads).
+
+    attention   SDPA's fused CPU kernel (what `samplers.kv.attend` runs) vs two batched matrix
+                multiplies around a softmax, tried and left out: from one process to the next
+                it was either much faster or much slower (the small pair's teacher pass, 64
+                rows x 8 heads, 31 completion queries over 40 keys; a decode step, 64 x 4
+                heads, 1 query).
+    head chunk  512 x 256 hidden states times a 32k x 256 LM head: into a fresh tensor (what
+                `h @ W.T` does) vs into `heads.scratch`, the buffer reused from call to call.
+    packed      `F.linear` vs `packed.PackedLinears` (oneDNN, weight packed once) for a decode
+                step's LM head (64 x 256 @ 256 x 32k) and a teacher MLP projection
+                (1984 x 256 @ 256 x 704).
+    draw        one token per row of 64 x 32k probabilities: torch.multinomial, one float64
+                cumulative sum over the row, and `samplers.hf.inverse_cdf_sample` (two levels).
+
+The variants of each row alternate for --rounds rounds; the median is printed.
+
+    python benchmarks/hot_paths.py [--rounds 15] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from opd.heads import scratch
+from opd.packed import PackedLinears
+from opd.samplers.hf import inverse_cdf_sample
+
+
+def timed(variants: dict, rounds: int, repeat: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for name, fn in variants.items():  # warm-up: first-call dispatch, buffers
+        fn()
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            times[name].append((time.perf_counter() - t0) / repeat)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def sdpa(q_AHLD, k_AKSD, v_AKSD, mask_A1LS, scale):  # what samplers.kv.attend runs
+    return F.scaled_dot_product_attention(q_AHLD, k_AKSD, v_AKSD, attn_mask=mask_A1LS, scale=scale)
+
+
+def bmm_softmax(q_AHLD, k_AKSD, v_AKSD, mask_A1LS, scale):  # tried, not used (unstable)
+    A, H, L, D = q_AHLD.shape
+    S = k_AKSD.shape[2]
+    s_XLS = torch.baddbmm(
+        mask_A1LS.expand(A, H, L, S).reshape(A * H, L, S),
+        q_AHLD.reshape(A * H, L, D),
+        k_AKSD.reshape(A * H, S, D).transpose(1, 2),
+        alpha=scale,
+    )
+    return torch.bmm(s_XLS.softmax(-1), v_AKSD.reshape(A * H, S, D))
+
+
+def attention_cases(rounds: int) -> list[tuple[str, dict[str, float]]]:
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for label, (A, H, L, S) in {
+        "teacher pass 64x8 heads, 31 queries x 40 keys": (64, 8, 31, 40),
+        "decode step 64x4 heads, 1 query x 40 keys": (64, 4, 1, 40),
+    }.items():
+        D = 32  # laid out as in the decoder: q from a (A, L, H, D) projection, K/V in a cache
+        q = torch.randn(A, L, H, D, generator=g).transpose(1, 2)
+        k, v = torch.randn(2, A, H, S + 8, D, generator=g)[..., :S, :].unbind(0)
+        mask = torch.zeros(A, 1, L, S)
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        mask[..., S - L :] = torch.zeros(L, L).masked_fill(~causal, -torch.inf)
+        with torch.inference_mode():
+            out.append(
+                (
+                    label,
+                    timed(
+                        {
+                            "SDPA (opd)": lambda: sdpa(q, k, v, mask, D**-0.5),
+                            "bmm-softmax-bmm": lambda: bmm_softmax(q, k, v, mask, D**-0.5),
+                        },
+                        rounds,
+                        20 if L > 1 else 200,
+                    ),
+                )
+            )
+    return out
+
+
+def head_case(rounds: int) -> tuple[str, dict[str, float]]:
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(512, 256, generator=g), torch.randn(32_000, 256, generator=g)
+
+    def fresh():
+        return h @ w.T
+
+    def reused():
+        return torch.mm(h, w.T, out=scratch(512, 32_000, torch.float32, h.device))
+
+    with torch.inference_mode():
+        return "head chunk 512 x 256 @ 256 x 32k", timed(
+            {"fresh tensor": fresh, "opd scratch": reused}, rounds, 2
+        )
+
+
+def packed_cases(rounds: int) -> list[tuple[str, dict[str, float]]]:
+    out = []
+    for label, (M, K, N) in {
+        "decode LM head 64 x 256 @ 256 x 32k": (64, 256, 32_000),
+        "teacher MLP 1984 x 256 @ 256 x 704": (1984, 256, 704),
+    }.items():
+        torch.manual_seed(0)
+        lin, x, packed = torch.nn.Linear(K, N, bias=False), torch.randn(M, K), PackedLinears()
+        with torch.inference_mode():
+            out.append(
+                (
+                    label,
+                    timed(
+                        {"F.linear": lambda: lin(x), "opd packed": lambda: packed(lin, x)},
+                        rounds,
+                        5,
+                    ),
+                )
+            )
+    return out
+
+
+def draw_case(rounds: int) -> tuple[str, dict[str, float]]:
+    g = torch.Generator().manual_seed(0)
+    p_BV = torch.softmax(3 * torch.randn(64, 32_000, generator=g), -1)
+
+    def cumsum():
+        cdf = p_BV.cumsum(-1, dtype=torch.float64)
+        u = torch.rand((64, 1), generator=g, dtype=torch.float64)
+        return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+
+    return "draw 64 x 32k", timed(
+        {
+            "multinomial": lambda: torch.multinomial(p_BV, 1, generator=g),
+            "float64 cumsum": cumsum,
+            "opd two-level": lambda: inverse_cdf_sample(p_BV, g),
+        },
+        rounds,
+        5,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cases = [
+        *attention_cases(args.rounds),
+        head_case(args.rounds),
+        *packed_cases(args.rounds),
+        draw_case(args.rounds),
+    ]
+    print(f"| case | variant | ms (median of {args.rounds}) |\n|---|---|---|")
+    for label, result in cases:
+        for name, seconds in result.items():
+            print(f"| {label} | {name} | {seconds * 1e3:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
