@@ -7,7 +7,7 @@ against the plain alternative on the shapes of benchmarks/vs_trl.py (fp32, 2 thr
                 rows x 8 heads, 31 completion queries over 40 keys; a decode step, 64 x 4
                 heads, 1 query).
     head chunk  512 x 256 hidden states times a 32k x 256 LM head: into a fresh tensor (what
-                `h @ W.T` does) vs into `heads.scratch`, the buffer reused from call to call.
+                `h @ W.T` does) vs `heads.head_logits`, into a buffer reused from call to call.
     packed      `F.linear` vs `packed.PackedLinears` (oneDNN, weight packed once) for a decode
                 step's LM head (64 x 256 @ 256 x 32k) and a teacher MLP projection
                 (1984 x 256 @ 256 x 704).
@@ -24,18 +24,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from opd.heads import scratch
+from opd.heads import head_logits
 from opd.packed import PackedLinears
 from opd.samplers.hf import inverse_cdf_sample
 
 
 def timed(variants: dict, rounds: int, repeat: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for name, fn in variants.items():  # warm-up: first-call dispatch, buffers
+    for fn in variants.values():  # warm-up: first-call dispatch, buffers
         fn()
     for _ in range(rounds):
         for name, fn in variants.items():
@@ -81,8 +82,8 @@ def attention_cases(rounds: int) -> list[tuple[str, dict[str, float]]]:
                     label,
                     timed(
                         {
-                            "SDPA (opd)": lambda: sdpa(q, k, v, mask, D**-0.5),
-                            "bmm-softmax-bmm": lambda: bmm_softmax(q, k, v, mask, D**-0.5),
+                            "SDPA (opd)": partial(sdpa, q, k, v, mask, D**-0.5),
+                            "bmm-softmax-bmm": partial(bmm_softmax, q, k, v, mask, D**-0.5),
                         },
                         rounds,
                         20 if L > 1 else 200,
@@ -99,12 +100,9 @@ def head_case(rounds: int) -> tuple[str, dict[str, float]]:
     def fresh():
         return h @ w.T
 
-    def reused():
-        return torch.mm(h, w.T, out=scratch(512, 32_000, torch.float32, h.device))
-
     with torch.inference_mode():
         return "head chunk 512 x 256 @ 256 x 32k", timed(
-            {"fresh tensor": fresh, "opd scratch": reused}, rounds, 2
+            {"fresh tensor": fresh, "opd scratch": partial(head_logits, h, w)}, rounds, 2
         )
 
 
@@ -121,7 +119,7 @@ def packed_cases(rounds: int) -> list[tuple[str, dict[str, float]]]:
                 (
                     label,
                     timed(
-                        {"F.linear": lambda: lin(x), "opd packed": lambda: packed(lin, x)},
+                        {"F.linear": partial(lin, x), "opd packed": partial(packed, lin, x)},
                         rounds,
                         5,
                     ),

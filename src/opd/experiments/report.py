@@ -303,14 +303,7 @@ def write_report(dirs: list[str], out: str | None = None) -> Path:
             raise OpdError(f"{path}: not an experiment's results (a JSON object)")
         try:
             text, rows = experiment_section(result, Path(d))
-        except (
-            KeyError,
-            TypeError,
-            IndexError,
-            ValueError,
-            AttributeError,
-            statistics.StatisticsError,
-        ) as e:
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
             raise OpdError(
                 f"{path}: missing or malformed field ({type(e).__name__}: {e})"
             ) from None

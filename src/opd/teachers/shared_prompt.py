@@ -77,9 +77,7 @@ def score_shared_prompts(
         mask_B1LS = additive(seen_B1LS, core.embed_tokens.weight.dtype)
         x_ME = core.embed_tokens(tokens_BT[:, Lp : T - 1]).reshape(B * L, -1)
         for layer, kv in zip(layers, cache_Y2BKSD, strict=True):
-            x_ME = decoder_layer(
-                layer, x_ME, cos_BL1D, sin_BL1D, mask_B1LS, kv, Lp, linear=linear
-            )
+            x_ME = decoder_layer(layer, x_ME, cos_BL1D, sin_BL1D, mask_B1LS, kv, Lp, linear=linear)
         hidden_BCE = torch.cat([hidden_BCE, core.norm(x_ME).view(B, L, -1)], 1)
     rows_N, cols_N = completion_mask_BT.nonzero(as_tuple=True)
     h_NE = hidden_BCE[rows_N, cols_N - Lp]
