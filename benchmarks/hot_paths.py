@@ -13,6 +13,12 @@ against the plain alternative on the shapes of benchmarks/vs_trl.py (fp32, 2 thr
                 (1984 x 256 @ 256 x 704).
     draw        one token per row of 64 x 32k probabilities: torch.multinomial, one float64
                 cumulative sum over the row, and `samplers.hf.inverse_cdf_sample` (two levels).
+    log-softmax a 512 x 32k chunk of logits (teacher scoring, the trainer's fused loss):
+                separate amax / sub / exp / sum passes (what opd did before) vs
+                `heads.log_softmax_chunk`, torch's row kernel in place.
+    token       a decode step's draw from 64 x 32k logits with its log-prob: amax, exp of the
+                shifted logits, the draw on unnormalised mass (before) vs softmax's row kernel
+                and the draw (`samplers.hf.sample_token`).
 
 The variants of each row alternate for --rounds rounds; the median is printed.
 
@@ -29,9 +35,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from opd.heads import head_logits
+from opd.heads import head_logits, log_softmax_chunk
 from opd.packed import PackedLinears
-from opd.samplers.hf import inverse_cdf_sample
+from opd.samplers.hf import inverse_cdf_sample, sample_token
 
 
 def timed(variants: dict, rounds: int, repeat: int) -> dict[str, float]:
@@ -148,6 +154,42 @@ def draw_case(rounds: int) -> tuple[str, dict[str, float]]:
     )
 
 
+def log_softmax_case(rounds: int) -> tuple[str, dict[str, float]]:
+    g = torch.Generator().manual_seed(0)
+    z0, tok = 3 * torch.randn(512, 32_000, generator=g), torch.randint(0, 32_000, (512, 1))
+    z = torch.empty_like(z0)
+
+    def passes():  # the token log-probs by separate passes, in place as opd did
+        picked = z.copy_(z0).gather(-1, tok)
+        m = z.amax(-1, keepdim=True)
+        return picked - m - z.sub_(m).exp_().sum(-1, keepdim=True).log()
+
+    def row_kernel():
+        return log_softmax_chunk(z.copy_(z0)).gather(-1, tok)
+
+    with torch.inference_mode():
+        return "log-softmax 512 x 32k (with a copy in)", timed(
+            {"copy only": lambda: z.copy_(z0), "passes": passes, "opd row kernel": row_kernel},
+            rounds,
+            3,
+        )
+
+
+def token_case(rounds: int) -> tuple[str, dict[str, float]]:
+    g = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(64, 32_000, generator=g)
+
+    def passes():  # what sample_token did before
+        m = z.amax(-1, keepdim=True)
+        token, mass = inverse_cdf_sample((z - m).exp_(), g)
+        return token, z.gather(-1, token[:, None]).squeeze(-1) - m.squeeze(-1) - mass.log()
+
+    with torch.inference_mode():
+        return "decode draw + log-prob 64 x 32k", timed(
+            {"passes": passes, "opd softmax": partial(sample_token, z, g)}, rounds, 5
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -161,6 +203,8 @@ def main() -> None:
         head_case(args.rounds),
         *packed_cases(args.rounds),
         draw_case(args.rounds),
+        log_softmax_case(args.rounds),
+        token_case(args.rounds),
     ]
     print(f"| case | variant | ms (median of {args.rounds}) |\n|---|---|---|")
     for label, result in cases:

@@ -17,7 +17,10 @@ Two model pairs (randomly initialised Llama, untied embeddings):
 Each (framework, pair, precision) runs in its own process, so peak RSS is its own. A/B order
 alternates over --rounds; each process runs --warmup steps, then --steps timed steps. Reported:
 median step time with min-max over all timed steps, trained completion tokens/s, peak RSS, opd's
-per-phase breakdown, and opd's step time as a multiple of the compute floor (floor.py).
+per-phase breakdown, and opd's step time as a multiple of the compute floor (floor.py): each opd
+process divides its median step by the floor at the GEMM peak it measures right after its
+timed steps (this machine's speed drifts by tens of percent from minute to minute); the table
+gives the median over processes and their range.
 opd runs twice: its default loss (sampled-token reverse KL, the blog's) and `--loss full` (the
 full-vocabulary reverse KL that TRL's beta=1 computes).
 
@@ -155,15 +158,19 @@ def child_opd(root: Path, args, loss: str) -> dict:
         },
         [],
     )
+    from floor import gemm_peak, parts_floor_flops  # benchmarks/ is on sys.path
+
     ctx = setup("cpu", args.threads)
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         parts = setup_run(cfg, ctx)
     never_sample_eos(parts.tokenizer.eos_token_id)
     rows = [train_step(step, parts) for step in range(args.warmup + args.steps)][args.warmup :]
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the GEMMs below
+    # the floor's denominator, measured in this process right after its timed steps, so that the
+    # machine's drift from one process to the next moves both sides of the ratio
+    peak = gemm_peak(getattr(torch, args.dtype), args.threads)
     tokens = {r["tokens/completion"] for r in rows}
     assert tokens == {BATCH_PROMPTS * GROUP * args.max_new_tokens}, tokens
-    from floor import parts_floor_flops  # benchmarks/ is on sys.path
-
     batch = parts.sampler.sample(parts.prompts[:BATCH_PROMPTS], GROUP, torch.Generator())
     floor = parts_floor_flops(parts, batch)
     return {
@@ -175,6 +182,8 @@ def child_opd(root: Path, args, loss: str) -> dict:
         "tokens_per_step": rows[0]["tokens/completion"],
         "teacher_kl_first": rows[0].get("teacher/kl"),
         "floor_flops": floor,
+        "gemm_peak_flops": peak,
+        "peak_rss_mb": rss_mb,
     }
 
 
@@ -253,7 +262,7 @@ def child(args) -> None:
         out = child_trl(root, args)
     else:
         out = child_opd(root, args, "full" if args.child == "opd-full" else "sampled")
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(out))
 
 
@@ -295,6 +304,14 @@ def summarise(runs: list[dict]) -> dict:
             ph: statistics.median(r["phases_s"][ph] for r in runs) for ph in runs[0]["phases_s"]
         }
         out["floor_flops"] = runs[0]["floor_flops"]
+        # each process's median step over the floor at the GEMM peak it measured; the median
+        floor_flops = sum(out["floor_flops"].values())
+        x_floor = [
+            statistics.median(r["step_s"]) * r["gemm_peak_flops"] / floor_flops for r in runs
+        ]
+        out["x_floor"] = statistics.median(x_floor)
+        out["x_floor_range"] = [min(x_floor), max(x_floor)]
+        out["gemm_peak_flops"] = [r["gemm_peak_flops"] for r in runs]
     return out
 
 
@@ -319,7 +336,6 @@ def main() -> None:
         return child(args)
 
     import torch
-    from floor import gemm_peak
 
     frameworks = args.frameworks.split(",")
     results = []
@@ -328,20 +344,15 @@ def main() -> None:
         if not (root / "prompts.jsonl").exists():
             build_pair(pair, root)
         for dtype in args.dtypes.split(","):
-            peak = gemm_peak(getattr(torch, dtype), args.threads)
             runs: dict[str, list[dict]] = {f: [] for f in frameworks}
             for r in range(args.rounds):  # alternate the order: A B C, C B A, ...
                 for name in frameworks if r % 2 == 0 else frameworks[::-1]:
                     runs[name].append(run_child(name, pair, dtype, args))
                     print(f"  {pair} {dtype} round {r + 1} {name}: "
                           f"{statistics.median(runs[name][-1]['step_s']):.3f} s/step", flush=True)  # fmt: skip
-            row = {"pair": pair, "dtype": dtype, "gemm_peak_flops": peak}
+            row = {"pair": pair, "dtype": dtype}
             for name in frameworks:
                 row[name] = summarise(runs[name])
-                if "floor_flops" in row[name]:
-                    floor_s = sum(row[name]["floor_flops"].values()) / peak
-                    row[name]["floor_s"] = floor_s
-                    row[name]["x_floor"] = row[name]["median_step_s"] / floor_s
             results.append(row)
     meta = {
         "threads": args.threads,
@@ -369,7 +380,10 @@ def table(results: list[dict]) -> str:
                 continue
             r = row[name]
             ratio = f"{trl['median_step_s'] / r['median_step_s']:.2f}x" if trl else "-"
-            floor = f"{r['x_floor']:.2f}" if "x_floor" in r else "-"
+            floor = "-"
+            if "x_floor" in r:
+                lo, hi = r["x_floor_range"]
+                floor = f"{r['x_floor']:.2f} ({lo:.2f}-{hi:.2f})"
             phases = (
                 " / ".join(f"{v:.3f}" for v in r["phases_s"].values()) if "phases_s" in r else "-"
             )

@@ -183,3 +183,58 @@ def test_report_renders_results_from_before_opd_full(tmp_path):
     }
     text, _ = experiment_section(r, tmp_path)
     assert "| 0.0003 | 50 |" in text and "| full-vocabulary OPD | n/a | n/a | n/a | n/a |" in text
+
+
+def test_an_imperfect_teacher_stops_at_its_validation_accuracy(tmp_path, capsys):
+    from dataclasses import replace
+
+    from opd.experiments.demo import PRESETS, prepare
+
+    stages = replace(PRESETS["test"], teacher_stop_at=0.99)
+    st = prepare(stages, 0, str(tmp_path / "cache"), True, lambda msg: None)
+    cfg = json.loads((st.teacher.parent / "run" / "config.json").read_text())
+    assert cfg["eval"]["stop_at"] == 0.99 and cfg["eval"]["prompts"].endswith("valid.jsonl")
+    assert cfg["eval"]["every"] == 25
+    rows = (st.teacher.parent / "run" / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(x) for x in rows if "eval/accuracy" in json.loads(x)]
+    assert [e["step"] for e in evals][:2] == [0, 25]
+    assert st.teacher_steps == json.loads(rows[-1])["step"] <= stages.teacher_steps
+    # a fully trained teacher's stage is cached under another key (old caches stay valid)
+    full = prepare(PRESETS["test"], 0, str(tmp_path / "cache"), True, lambda msg: None)
+    assert full.teacher != st.teacher
+    full_cfg = json.loads((full.teacher.parent / "run" / "config.json").read_text())
+    assert full_cfg["eval"]["prompts"] == "" and full.teacher_steps == stages.teacher_steps
+    text, claims = experiment_section(
+        {**_imperfect_results(), "teacher_stop_at": 0.9, "teacher_steps": 350}, tmp_path
+    )
+    assert "an imperfect teacher: its training stopped at 90.0% validation accuracy" in text
+    assert "after 350 steps" in text and "imperfect teacher 92.0%" in claims[1][2]
+    for bad in ("1.5", "0"):
+        with pytest.raises(SystemExit) as e:
+            main(
+                ["experiment", "math", "--out", str(tmp_path / "x"), "--teacher-stop-at", bad]
+                + ["--preset", "test", "--cache-dir", str(tmp_path / "cache")]
+            )
+        assert e.value.code == 2
+        assert f"--teacher-stop-at={float(bad)}: must be in (0, 1]" in capsys.readouterr().err
+
+
+def _imperfect_results() -> dict:
+    curve = {"0": [[0, 0.0, 0.4], [50, 1e12, 0.9]]}
+    m = {"lr": 1e-4, "steps_to_target": 50, "flops_to_target": 1e12, "final_accuracy": 0.9}
+    m |= {"reached": 1, "step_budget": 60, "per_seed": [{}], "curves": curve}
+    ratios = dict.fromkeys(
+        ("rl_over_opd_steps", "rl_over_opd_flops", "sft_over_opd_steps", "sft_over_opd_flops"), 1.0
+    )
+    return {
+        "experiment": "math",
+        "target_accuracy": 0.874,
+        "teacher_accuracy": 0.92,
+        "sft_start_accuracy": 0.4,
+        "sft_stop_at": 0.3,
+        "seeds": [0],
+        "sequences_per_step": 8,
+        "methods": {name: m for name in ("opd", "opd-full", "rl", "sft")},
+        "ratios": ratios,
+        "ratios_opd_full": ratios,
+    }

@@ -197,3 +197,20 @@ def test_head_logits_keep_autocast_and_weight_precision():
     assert not torch.allclose(amp, exact, atol=1e-4)
     bf16 = head_logits(h.bfloat16(), w.bfloat16())
     assert torch.equal(bf16, (h.bfloat16() @ w.bfloat16().T).float())
+
+
+def test_log_softmax_in_place_over_a_wide_chunk_equals_out_of_place():
+    # log_softmax_chunk writes over its input; torch's row kernel must read a row before it
+    # writes it, for any row width (one vector, many, past the cache) and extreme logits.
+    from opd.heads import log_softmax_chunk
+
+    g = torch.Generator().manual_seed(0)
+    for cols in (7, 64, 1000, 40_000):
+        z = torch.randn(33, cols, generator=g) * 30
+        z[0] = 0.0  # a flat row
+        z[1, 3] = 1e4  # one logit far above the rest: the others underflow to -1e4
+        z[2, :] = -1e30
+        expected = torch.log_softmax(z.clone(), -1)
+        out = log_softmax_chunk(z)
+        assert out.data_ptr() == z.data_ptr()
+        assert torch.equal(out, expected), cols

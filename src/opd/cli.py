@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from an SFT checkpoint stopped at this validation accuracy (default: the "
         "demo's, 0.3); a lower start makes the RL reward sparser",
     )
+    ex.add_argument(
+        "--teacher-stop-at",
+        type=float,
+        help="stop the teacher's training at this validation accuracy (default: train it fully, "
+        "to 100%%); an imperfect teacher's samples, SFT's data, carry its mistakes",
+    )
     ex.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
     ex.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
     ex.add_argument("--verbose", action="store_true", help="show every step of every run")
@@ -226,6 +232,7 @@ def run(argv: list[str] | None = None) -> int:
             args.cache_dir,
             quiet=not args.verbose,
             sft_stop_at=args.sft_stop_at,
+            teacher_stop_at=args.teacher_stop_at,
         )
     elif args.command == "report":
         from opd.experiments.report import write_report

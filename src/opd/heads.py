@@ -10,11 +10,12 @@ and, under autograd, several more tensors of that size for the backward. Here:
   time and keeps only the log-prob of each position's token;
 - `fused_token_loss` (the trainer) computes a per-token loss's gradient with respect to the
   hidden states and the head's weight inside the forward, chunk by chunk, the way fused
-  linear-cross-entropy kernels do: logits -> softmax in place -> d loss / d logits in place ->
-  two matrix multiplies. The head's FLOPs are the unfused forward + backward (2 + 4 per weight
-  and position), with one chunk of (chunk_tokens, V) floats alive at a time. The loss itself
-  stays a pure function of the token log-probs (objectives.py), differentiated by autograd on
-  N numbers, so the maths is not written twice.
+  linear-cross-entropy kernels do: logits -> log-softmax -> softmax in place -> two matrix
+  multiplies, the per-token scaling applied on the (N, H) side. The head's FLOPs are the
+  unfused forward + backward (2 + 4 per weight and position), with one (chunk_tokens, V)
+  float buffer alive, reused from chunk to chunk. The loss itself stays a pure function of the
+  token log-probs (objectives.py), differentiated by autograd on N numbers, so the maths is
+  not written twice.
 
 Supported heads: a plain `torch.nn.Linear` without bias whose logits are not scaled or
 soft-capped afterwards, with no forward hooks on it or on the model (`plain_head`); anything
@@ -144,12 +145,21 @@ def token_logprobs_chunked(
     with torch.no_grad():
         for start in range(0, tokens_N.shape[0], chunk_tokens):
             sl = slice(start, start + chunk_tokens)
-            z_nV = head_logits(hidden_NH[sl], weight_VH)
-            picked_n = z_nV.gather(-1, tokens_N[sl, None]).squeeze(-1)
-            max_n1 = z_nV.amax(-1, keepdim=True)
-            sum_n = z_nV.sub_(max_n1).exp_().sum(-1)  # in place: one (n, V) buffer
-            lp_N[sl] = picked_n - max_n1.squeeze(-1) - sum_n.log()
+            lp_nV = log_softmax_chunk(head_logits(hidden_NH[sl], weight_VH))
+            lp_N[sl] = lp_nV.gather(-1, tokens_N[sl, None]).squeeze(-1)
     return lp_N
+
+
+def log_softmax_chunk(z_nV: torch.Tensor) -> torch.Tensor:
+    """log_softmax(z_nV, -1), written over z_nV (a float32 chunk of logits).
+
+    torch's row kernel keeps a row in cache for its max, sum and output passes: less time than
+    separate amax / sub / exp / sum passes over a chunk that is far larger than the cache
+    (`python benchmarks/hot_paths.py`). In place, no second chunk is allocated: the kernel
+    reads a whole row before it writes it (tests/test_heads.py checks the result against an
+    out-of-place log_softmax, so a torch that changed this would fail there).
+    """
+    return torch.log_softmax(z_nV, -1, out=z_nV)
 
 
 def logprobs_at(head, hidden_NH, rows_N, cols_N, tokens_BT, vocab_size: int, chunk: int):
@@ -198,12 +208,8 @@ class _FusedTokenLoss(torch.autograd.Function):
         for start in range(0, N, chunk_tokens):
             sl = slice(start, start + chunk_tokens)
             h_nH, tok_n1 = hidden_NH[sl], tokens_N[sl, None]
-            z_nV = head_logits(h_nH, W_VH)
-            picked_n = z_nV.gather(-1, tok_n1).squeeze(-1)
-            max_n1 = z_nV.amax(-1, keepdim=True)
-            e_nV = z_nV.sub_(max_n1).exp_()  # in place: the logits are not needed again
-            sum_n1 = e_nV.sum(-1, keepdim=True)
-            lp_n = picked_n - max_n1.squeeze(-1) - sum_n1.squeeze(-1).log()
+            lp_nV = log_softmax_chunk(head_logits(h_nH, W_VH))
+            lp_n = lp_nV.gather(-1, tok_n1).squeeze(-1)
             lp_N[sl] = lp_n
             with torch.enable_grad():
                 leaf_n = lp_n.detach().requires_grad_()
@@ -212,12 +218,14 @@ class _FusedTokenLoss(torch.autograd.Function):
                 if chunk.requires_grad:
                     (g_n,) = torch.autograd.grad(chunk, leaf_n, materialize_grads=True)
             loss += chunk.detach()
-            # d loss / d z = g * (onehot - softmax), built in place over the exp'd chunk
-            e_nV.mul_(-g_n[:, None] / sum_n1)
-            e_nV.scatter_add_(-1, tok_n1, g_n[:, None])
-            grad_h_NH[sl] = e_nV.to(W_VH.dtype) @ W_VH
+            # d loss / d z = -g * (softmax - onehot): the (n, V) chunk is exp'd in place and the
+            # one-hot subtracted at n entries; g's row scaling acts on the (n, H) side of each
+            # product instead of on the chunk (one pass over it fewer).
+            d_nV = lp_nV.exp_().scatter_add_(-1, tok_n1, torch.full_like(lp_n[:, None], -1.0))
+            g_n1 = g_n[:, None]
+            grad_h_NH[sl] = (d_nV.to(W_VH.dtype) @ W_VH).float().mul_(-g_n1)
             if grad_w_VH is not None:
-                grad_w_VH[:vocab_size].addmm_(e_nV.T, h_nH.float())
+                grad_w_VH[:vocab_size].addmm_(d_nV.T, h_nH.float() * g_n1, alpha=-1)
         if grad_w_VH is not None:
             grad_w_VH = grad_w_VH.to(weight_VH.dtype)
         ctx.save_for_backward(grad_h_NH, grad_w_VH)

@@ -79,8 +79,17 @@ def tiny_model(
 
 
 def save(model, tokenizer, path: str | Path) -> Path:
+    """save_pretrained of both, without the progress bar newer transformers print to stderr."""
+    from transformers.utils import logging as hf_logging
+
     path = Path(path)
-    model.save_pretrained(str(path))
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(str(path))
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(str(path))
     return path
 

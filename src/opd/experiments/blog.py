@@ -385,9 +385,12 @@ def run_experiment(
     cache_dir: str | None = None,
     quiet: bool = True,
     sft_stop_at: float | None = None,
+    teacher_stop_at: float | None = None,
 ) -> dict:
     """sft_stop_at: stop the shared SFT stage at this validation accuracy instead of the demo's
-    (a lower start makes the RL reward sparser: most groups of samples are all wrong)."""
+    (a lower start makes the RL reward sparser: most groups of samples are all wrong).
+    teacher_stop_at: stop the teacher's training at this validation accuracy (an imperfect
+    teacher whose temperature-1 samples, SFT's data, carry its mistakes)."""
     t0 = time.time()
     x = EXPERIMENT_PRESETS[preset]
     stages = PRESETS[x.stages]
@@ -395,6 +398,10 @@ def run_experiment(
         if not 0 < sft_stop_at <= 1:  # 0 would mean "never stop early"
             raise OpdError(f"--sft-stop-at={sft_stop_at}: must be in (0, 1]")
         stages = replace(stages, sft_stop_at=sft_stop_at)
+    if teacher_stop_at is not None:
+        if not 0 < teacher_stop_at <= 1:
+            raise OpdError(f"--teacher-stop-at={teacher_stop_at}: must be in (0, 1]")
+        stages = replace(stages, teacher_stop_at=teacher_stop_at)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
 
@@ -406,6 +413,8 @@ def run_experiment(
     result |= {
         "preset": preset,
         "sft_stop_at": stages.sft_stop_at,
+        "teacher_stop_at": stages.teacher_stop_at or None,
+        "teacher_steps": st.teacher_steps,
         "settings": asdict(replace(x)),
         "task": f"{st.settings.digits}-digit addition, digit by digit",
         "wall_seconds": round(time.time() - t0, 1),

@@ -47,6 +47,9 @@ class Settings:
     teacher_steps: int = 1000
     teacher_lr: float = 3e-3
     teacher_batch: int = 64
+    # 0: train all teacher_steps; else stop once validation accuracy reaches it (an imperfect
+    # teacher, whose temperature-1 samples carry its mistakes)
+    teacher_stop_at: float = 0.0
     student_hidden: int = 128
     student_layers: int = 2
     sft_steps: int = 800  # a cap: the stage stops once validation accuracy passes sft_stop_at
@@ -163,6 +166,7 @@ class Stages:
     teacher_acc: float
     sft_acc: float
     sft_steps: int
+    teacher_steps: int  # fewer than Settings.teacher_steps when teacher_stop_at stopped it
     teacher_seconds: float
     sft_seconds: float
     teacher_cached: bool
@@ -212,6 +216,7 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
         s.teacher_steps,
         s.teacher_lr,
         s.teacher_batch,
+        *([s.teacher_stop_at] if s.teacher_stop_at else []),  # old keys stay valid
     )
     t_dir = cache / f"teacher-{t_key}"
     t0 = time.time()
@@ -231,15 +236,24 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
             "optim.warmup_steps": 50,
             "optim.schedule": "cosine",
             "optim.min_lr_ratio": 0.1,
-            "eval.prompts": "",  # the teacher is evaluated once, below
+            **(
+                {"eval.prompts": str(valid), "eval.every": 25, "eval.stop_at": s.teacher_stop_at}
+                if s.teacher_stop_at
+                else {"eval.prompts": ""}  # the teacher is evaluated once, below
+            ),
         },
         log,
         "teacher",
         f"training the teacher (Llama h{s.teacher_hidden}/L{s.teacher_layers}) on "
-        f"{s.digits}-digit addition, {s.teacher_steps} steps ...",
+        f"{s.digits}-digit addition, {s.teacher_steps} steps"
+        + (f" or until {s.teacher_stop_at:.0%} validation accuracy" if s.teacher_stop_at else "")
+        + " ...",
     )
     teacher = t_dir / "final"
     teacher_seconds = time.time() - t0
+    teacher_steps = json.loads((t_dir / "run" / "metrics.jsonl").read_text().splitlines()[-1])[
+        "step"
+    ]
     teacher_acc = _accuracy(teacher, test, max_new)
     log(f"teacher held-out accuracy {teacher_acc:.1%}")
 
@@ -299,6 +313,7 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
         teacher_acc,
         sft_acc,
         sft_steps,
+        teacher_steps,
         teacher_seconds,
         sft_seconds,
         teacher_cached,
@@ -360,7 +375,7 @@ def run_demo(
         "teacher": {
             "accuracy": st.teacher_acc,
             "params": _params(st.teacher),
-            "steps": s.teacher_steps,
+            "steps": st.teacher_steps,
             "seconds": round(st.teacher_seconds, 1),
             "cached": st.teacher_cached,
             "path": str(st.teacher),

@@ -73,6 +73,19 @@ def _plt():
     return plt
 
 
+def _teacher_note(r: dict) -> str:
+    if not r.get("teacher_stop_at"):
+        return ""
+    return (
+        f" (an imperfect teacher: its training stopped at {_pct(r['teacher_stop_at'])} "
+        f"validation accuracy, after {r['teacher_steps']} steps)"
+    )
+
+
+def _teacher_claim(r: dict) -> str:
+    return f", imperfect teacher {_pct(r['teacher_accuracy'])}" if r.get("teacher_stop_at") else ""
+
+
 def _sft_stop_at(r: dict) -> float:
     """The SFT stage's stop accuracy (results from before --sft-stop-at: the stages preset's)."""
     if "sft_stop_at" in r:
@@ -112,7 +125,8 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     lines = [
         f"## math: OPD vs RL vs continued SFT from one SFT checkpoint ({len(r['seeds'])} seeds)",
         "",
-        f"Teacher {_pct(r['teacher_accuracy'])}, SFT start {_pct(r['sft_start_accuracy'])} "
+        f"Teacher {_pct(r['teacher_accuracy'])}{_teacher_note(r)}, "
+        f"SFT start {_pct(r['sft_start_accuracy'])} "
         f"(an SFT stage that stops early at {_pct(_sft_stop_at(r))} validation accuracy"
         + (f"; it ran {r['sft_steps']} steps" if "sft_steps" in r else "")
         + "), "
@@ -158,14 +172,14 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
             "7-10x fewer steps",
             f"RL / OPD steps {ra['rl_over_opd_steps']} (sampled-token OPD), "
             f"{rf['rl_over_opd_steps']} (full-vocabulary OPD); SFT start "
-            f"{_pct(r['sft_start_accuracy'])}",
+            f"{_pct(r['sft_start_accuracy'])}{_teacher_claim(r)}",
         ),
         (
             "OPD is cheaper per FLOP than SFT (off-policy distillation)",
             "9-30x fewer FLOPs",
             f"continued SFT / OPD FLOPs {ra['sft_over_opd_flops']} (sampled-token OPD), "
             f"{rf['sft_over_opd_flops']} (full-vocabulary OPD); SFT start "
-            f"{_pct(r['sft_start_accuracy'])}",
+            f"{_pct(r['sft_start_accuracy'])}{_teacher_claim(r)}",
         ),
     ]
     return "\n".join(lines), claims
