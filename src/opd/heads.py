@@ -151,14 +151,17 @@ def token_logprobs_chunked(
 
 
 def log_softmax_chunk(z_nV: torch.Tensor) -> torch.Tensor:
-    """log_softmax(z_nV, -1), written over z_nV (a float32 chunk of logits).
+    """log_softmax(z_nV, -1) of a float32 chunk of logits, written over it on a CPU.
 
     torch's row kernel keeps a row in cache for its max, sum and output passes: less time than
     separate amax / sub / exp / sum passes over a chunk that is far larger than the cache
-    (`python benchmarks/hot_paths.py`). In place, no second chunk is allocated: the kernel
+    (`python benchmarks/hot_paths.py`). On a CPU no second chunk is allocated: the kernel
     reads a whole row before it writes it (tests/test_heads.py checks the result against an
-    out-of-place log_softmax, so a torch that changed this would fail there).
+    out-of-place log_softmax, so a torch that changed this would fail there). Other devices,
+    whose kernels that test does not run, get a fresh tensor from their caching allocator.
     """
+    if z_nV.device.type != "cpu":
+        return torch.log_softmax(z_nV, -1)
     return torch.log_softmax(z_nV, -1, out=z_nV)
 
 
