@@ -394,14 +394,12 @@ def run_experiment(
     t0 = time.time()
     x = EXPERIMENT_PRESETS[preset]
     stages = PRESETS[x.stages]
-    if sft_stop_at is not None:
-        if not 0 < sft_stop_at <= 1:  # 0 would mean "never stop early"
-            raise OpdError(f"--sft-stop-at={sft_stop_at}: must be in (0, 1]")
-        stages = replace(stages, sft_stop_at=sft_stop_at)
-    if teacher_stop_at is not None:
-        if not 0 < teacher_stop_at <= 1:
-            raise OpdError(f"--teacher-stop-at={teacher_stop_at}: must be in (0, 1]")
-        stages = replace(stages, teacher_stop_at=teacher_stop_at)
+    for field, value in (("sft_stop_at", sft_stop_at), ("teacher_stop_at", teacher_stop_at)):
+        if value is None:
+            continue
+        if not 0 < value <= 1:  # 0 would mean "never stop early"
+            raise OpdError(f"--{field.replace('_', '-')}={value}: must be in (0, 1]")
+        stages = replace(stages, **{field: value})
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
 

@@ -145,6 +145,11 @@ def _train_from_scratch(
     return False
 
 
+def _last_step(stage_dir: Path) -> int:
+    """The steps a stage ran (fewer than its budget when eval.stop_at ended it)."""
+    return json.loads((stage_dir / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+
+
 def _accuracy(model_dir: Path, test: Path, max_new: int) -> float:
     return evaluate(str(model_dir), str(test), max_new_tokens=max_new, extractor=EXTRACTOR)[
         "accuracy"
@@ -251,9 +256,7 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
     )
     teacher = t_dir / "final"
     teacher_seconds = time.time() - t0
-    teacher_steps = json.loads((t_dir / "run" / "metrics.jsonl").read_text().splitlines()[-1])[
-        "step"
-    ]
+    teacher_steps = _last_step(t_dir)
     teacher_acc = _accuracy(teacher, test, max_new)
     log(f"teacher held-out accuracy {teacher_acc:.1%}")
 
@@ -297,7 +300,7 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
     )
     sft = s_dir / "final"
     sft_seconds = time.time() - t0
-    sft_steps = json.loads((s_dir / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    sft_steps = _last_step(s_dir)
     sft_acc = _accuracy(sft, test, max_new)
     log(f"student after SFT held-out accuracy {sft_acc:.1%}")
 
