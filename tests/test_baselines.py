@@ -137,6 +137,9 @@ def test_ledger_totals_survive_resume(models, prompts_file, tmp_path):
                 "data.batch_prompts": 4,
                 "sampling.group_size": 2,
                 "sampling.max_new_tokens": 6,
+                "eval.prompts": str(prompts_file),
+                "eval.every": 1,
+                "eval.limit": 4,
                 "run.preflight": False,
             },
             [],
@@ -147,8 +150,13 @@ def test_ledger_totals_survive_resume(models, prompts_file, tmp_path):
     whole = run(tmp_path / "whole", 4)
     run(tmp_path / "split", 2)
     split = run(tmp_path / "split", 4)  # resumes at step 2
-    assert [r["flops/total"] for r in split] == [r["flops/total"] for r in whole]
-    assert whole[-1]["flops/total"] == sum(r["flops/step"] for r in whole)
+    for key in ("flops/total", "flops/eval_total"):
+        assert [r.get(key) for r in split] == [r.get(key) for r in whole]
+    assert whole[-1]["flops/total"] == sum(r.get("flops/step", 0) for r in whole)
+    # evaluation (step 0 and after each step) has its own running total, outside flops/total
+    assert len(whole) == 5 and all(r["flops/eval"] > 0 for r in whole)
+    assert whole[-1]["flops/eval_total"] == pytest.approx(sum(r["flops/eval"] for r in whole))
+    assert whole[0]["flops/eval_total"] == whole[0]["flops/eval"] and "flops/total" not in whole[0]
 
 
 def test_ledger_resumes_from_a_checkpoint_without_one():

@@ -181,6 +181,17 @@ def test_eval_reports_accuracy_and_rows(models, tmp_path):
     assert "correct" not in rows[2]
     for row in rows[:2]:
         assert row["correct"] == (row["extracted"] == row["answer"])
+    # the ledger's keys: sampling FLOPs for these prompts and completions, and wall seconds
+    from opd.data import load_prompts
+    from opd.flops import model_shape, sampling_flops
+    from opd.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(models["teacher"]), "--model")
+    prompt_lens = [len(x.ids) for x in load_prompts(str(prompts), tokenizer, None, "error")[0]]
+    shape = model_shape(load_model(str(models["teacher"]), "float32", "cpu", "--model"))
+    completions = [r["completion_tokens"] for r in rows]
+    assert summary["flops/eval"] == sampling_flops(shape, prompt_lens, completions) > 0
+    assert summary["time/eval"] > 0
 
 
 # ---- bad input: one line naming the cause, exit 2, no traceback, nothing written ----

@@ -18,7 +18,8 @@ def runs(tmp_path_factory):
     cache = str(root / "cache")
     out = {}
     for name in ("math", "lr-sweep", "single-prompt", "self-distill"):
-        out[name] = run_experiment(name, str(root / name), "test", cache)
+        budget = {"rl_steps": 4} if name == "math" else {}  # --rl-steps: math's RL budget
+        out[name] = run_experiment(name, str(root / name), "test", cache, **budget)
     return root, out
 
 
@@ -34,7 +35,7 @@ def test_math_results_schema(runs):
         assert m["lr"] == lrs[name] and all(p["lr"] == lrs[name] for p in m["per_seed"])
         cfg = json.loads((root / "math" / f"{name}-seed1" / "config.json").read_text())
         assert cfg["optim"]["lr"] == lrs[name] and cfg["eval"]["prompts"].endswith("test.jsonl")
-        assert m["step_budget"] == 3
+        assert m["step_budget"] == (4 if name == "rl" else 3)
         assert {"steps_to_target", "flops_to_target", "final_accuracy", "curves"} <= m.keys()
         assert set(m["curves"]) == {"0", "1"}  # one curve per seed
         for curve in m["curves"].values():
@@ -120,6 +121,11 @@ def test_report_renders_from_saved_results(runs, tmp_path, capsys):
             )
         assert e.value.code == 2
         assert f"{flag}={float(bad)}: must be in (0, 1]" in capsys.readouterr().err
+    for name, steps in (("math", "0"), ("self-distill", "5")):
+        with pytest.raises(SystemExit) as e:
+            main(["experiment", name, "--out", str(tmp_path / "x"), "--rl-steps", steps])
+        assert e.value.code == 2
+        assert f"--rl-steps={steps}: must be a positive step count" in capsys.readouterr().err
 
 
 def test_report_gives_a_lower_bound_when_the_baseline_misses_the_target(tmp_path):

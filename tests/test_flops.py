@@ -171,3 +171,15 @@ def test_ledger_accumulates_resets_and_round_trips():
     resumed.load_state_dict(json.loads(json.dumps(ledger.state_dict())))
     assert resumed.state_dict() == ledger.state_dict()
     assert resumed.step_metrics() == ledger.step_metrics()
+    resumed.add("eval", 7.0, 0.5)  # a side ledger (evaluation): no flops/step, flops/total
+    assert resumed.step_metrics(totals=False) == {
+        "flops/eval": 7.0,
+        "flops/eval_total": 7.0,
+        "flops/eval_per_s": 14.0,
+        "flops/teacher_scoring": 0.0,
+        "flops/teacher_scoring_total": 1.2345678901234567e21,
+        "flops/student_sampling": 0.0,
+        "flops/student_sampling_total": 100.0,
+        "flops/train": 0.0,
+        "flops/train_total": 400.0,
+    }

@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the teacher's training at this validation accuracy (default: train it fully, "
         "to 100%%); an imperfect teacher's samples, SFT's data, carry its mistakes",
     )
+    ex.add_argument(
+        "--rl-steps",
+        type=int,
+        help="math: RL's step budget (default 600; RL stops early at the target); a low start "
+        "needs more",
+    )
     ex.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
     ex.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
     ex.add_argument("--verbose", action="store_true", help="show every step of every run")
@@ -233,6 +239,7 @@ def run(argv: list[str] | None = None) -> int:
             quiet=not args.verbose,
             sft_stop_at=args.sft_stop_at,
             teacher_stop_at=args.teacher_stop_at,
+            rl_steps=args.rl_steps,
         )
     elif args.command == "report":
         from opd.experiments.report import write_report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,16 +98,19 @@ def evaluate(
             Path(out).touch()
         except OSError as e:
             raise OpdError(f"--out {out}: cannot write there ({e.strerror})") from None
+    t0 = time.perf_counter()
     summary, results = run_eval(sampler, tokenizer, prompts, extract, batch_size, gen, extractor)
     from opd.flops import model_shape, sampling_flops
 
-    summary["flops"] = float(
+    # the ledger's keys, as in a training run's metrics.jsonl
+    summary["flops/eval"] = float(
         sampling_flops(
             model_shape(model),
             [len(p.ids) for p in prompts],
             [r["completion_tokens"] for r in results],
         )
     )
+    summary["time/eval"] = time.perf_counter() - t0
     if out:
         with open(out, "w") as f:
             for r in results:

@@ -153,12 +153,13 @@ class Ledger:
         ):
             table[phase] = table.get(phase, 0.0) + float(value)
 
-    def step_metrics(self) -> dict[str, float]:
+    def step_metrics(self, totals: bool = True) -> dict[str, float]:
         """This step's metrics, then the step counters are reset.
 
         flops/<phase> (this step), flops/<phase>_total (run so far), flops/<phase>_per_s (this
-        step's achieved rate, when seconds were recorded), flops/step and flops/total. Every
-        phase seen so far is reported each step (0.0 when idle), so the keys stay stable.
+        step's achieved rate, when seconds were recorded), and with totals flops/step and
+        flops/total. Every phase seen so far is reported each step (0.0 when idle), so the keys
+        stay stable.
         """
         metrics: dict[str, float] = {}
         for phase, total in self.total_flops.items():
@@ -168,8 +169,9 @@ class Ledger:
             seconds = self.step_seconds.get(phase, 0.0)
             if seconds > 0:
                 metrics[f"flops/{phase}_per_s"] = flops / seconds
-        metrics["flops/step"] = sum(self.step_flops.values())
-        metrics["flops/total"] = sum(self.total_flops.values())
+        if totals:
+            metrics["flops/step"] = sum(self.step_flops.values())
+            metrics["flops/total"] = sum(self.total_flops.values())
         self.step_flops, self.step_seconds = {}, {}
         return metrics
 

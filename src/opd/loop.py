@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -89,6 +89,8 @@ class Parts:
     eval_prompts: list[Prompt]
     shapes: dict  # "student", "teacher:<name>", "teacher_sampler" -> flops.ModelShape
     ledger: Ledger
+    # evaluation's own: its FLOPs are not training compute, so not in flops/step or flops/total
+    eval_ledger: Ledger = field(default_factory=Ledger)
 
 
 def sampling_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -462,7 +464,12 @@ def distill(cfg: Config, force: bool = False) -> Path:
                     0,
                     parts.student,
                     parts.optimizer,
-                    {"data_cursor": 0, "stopped": True, "flops": parts.ledger.state_dict()},
+                    {
+                        "data_cursor": 0,
+                        "stopped": True,
+                        "flops": parts.ledger.state_dict(),
+                        "eval_flops": parts.eval_ledger.state_dict(),
+                    },
                     cfg.run.keep_checkpoints,
                 )
             ctx.barrier()
@@ -489,6 +496,7 @@ def distill(cfg: Config, force: bool = False) -> Path:
                             "data_cursor": done * cfg.data.batch_prompts,
                             "stopped": stopped,
                             "flops": parts.ledger.state_dict(),
+                            "eval_flops": parts.eval_ledger.state_dict(),
                         },
                         cfg.run.keep_checkpoints,
                     )
@@ -810,16 +818,17 @@ def run_evaluation(p: Parts) -> dict:
         torch.Generator(device=p.ctx.device).manual_seed(0),
         cfg.eval.extractor,
     )
+    seconds = time.perf_counter() - t0
     eval_flops = sampling_flops(
         p.shapes["student"],
         [len(x.ids) for x in p.eval_prompts],
         [r["completion_tokens"] for r in rows],
     )
-    return {
-        "flops/eval": float(eval_flops),
+    p.eval_ledger.add("eval", float(eval_flops), seconds)
+    return p.eval_ledger.step_metrics(totals=False) | {  # flops/eval, _total, _per_s
         "eval/accuracy": summary["accuracy"],
         "eval/mean_completion_tokens": summary["mean_completion_tokens"],
-        "time/eval": time.perf_counter() - t0,
+        "time/eval": seconds,
     }
 
 
@@ -829,6 +838,7 @@ def resume(found: list[Path], parts: Parts) -> tuple[int, bool]:
         return 0, False
     state = checkpoint.load(found[-1], parts.student, parts.optimizer)
     parts.ledger.load_state_dict(state.get("flops", {}))
+    parts.eval_ledger.load_state_dict(state.get("eval_flops", {}))
     if parts.ctx.is_main:
         print(f"resuming from {found[-1]} (step {state['step']})")
     return int(state["step"]), bool(state.get("stopped", False))

@@ -386,13 +386,19 @@ def run_experiment(
     quiet: bool = True,
     sft_stop_at: float | None = None,
     teacher_stop_at: float | None = None,
+    rl_steps: int | None = None,
 ) -> dict:
     """sft_stop_at: stop the shared SFT stage at this validation accuracy instead of the demo's
     (a lower start makes the RL reward sparser: most groups of samples are all wrong).
     teacher_stop_at: stop the teacher's training at this validation accuracy (an imperfect
-    teacher whose temperature-1 samples, SFT's data, carry its mistakes)."""
+    teacher whose temperature-1 samples, SFT's data, carry its mistakes).
+    rl_steps: math's RL budget instead of the preset's (RL stops early at the target)."""
     t0 = time.time()
     x = EXPERIMENT_PRESETS[preset]
+    if rl_steps is not None:
+        if name != "math" or rl_steps < 1:
+            raise OpdError(f"--rl-steps={rl_steps}: must be a positive step count, for math only")
+        x = replace(x, rl_steps=rl_steps)
     stages = PRESETS[x.stages]
     for field, value in (("sft_stop_at", sft_stop_at), ("teacher_stop_at", teacher_stop_at)):
         if value is None:

@@ -1,8 +1,8 @@
 """`opd report DIR...`: the blog's claims beside our measurements, from experiments' results.json.
 
-Each experiment folder (written by `opd experiment NAME --out DIR`, or `opd demo`) holds a
-results.json; this module renders one markdown section and its plots per experiment, plus the
-table "blog claim | blog figure | ours". Nothing is recomputed: the report is the saved numbers.
+Each experiment folder (written by `opd experiment NAME --out DIR`) holds a results.json; this
+module renders one markdown section and its plots per experiment, plus the table "blog claim |
+blog figure | ours". Nothing is recomputed: the report is the saved numbers.
 """
 
 from __future__ import annotations
