@@ -282,6 +282,22 @@ def test_chunked_equals_unchunked(tok, rollouts, kind, beta):
         assert_same_grads(grads, ref_grads)
 
 
+def test_rows_that_share_a_prompt_run_it_once_with_the_same_loss_and_gradients(tok, monkeypatch):
+    import opd.divergences as divergences
+
+    calls = []
+    real = divergences.shared_prompt_hidden
+    monkeypatch.setattr(divergences, "shared_prompt_hidden", lambda *a: calls.append(1) or real(*a))
+    shared = build_rollouts(tok, RAGGED + [("ab=", "abab"), ("c=", None), ("hijab=", "b")])
+    for arch in ("llama", "qwen3"):
+        student, teacher = make(tok, seed=1, arch=arch), make(tok, seed=2)
+        ref_loss, ref_grads = unchunked(student, teacher, shared, "reverse_kl", 0.5, len(tok))
+        loss, grads, _ = chunked(student, teacher, shared, "reverse_kl", 0.5, len(tok), 4)
+        assert math.isclose(loss, ref_loss, abs_tol=1e-6)
+        assert_same_grads(grads, ref_grads)
+    assert len(calls) == 2
+
+
 def test_chunked_qwen3_and_lora(tok, rollouts):
     peft = pytest.importorskip("peft")
     teacher = make(tok, seed=2)

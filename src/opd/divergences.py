@@ -31,6 +31,7 @@ import torch
 
 from opd.heads import check_plain_head, final_hidden, logprobs_at
 from opd.models import inner_model
+from opd.prompt_sharing import shared_prompt_hidden, trainer_shares_prompts
 from opd.types import Rollouts, autocast_context
 
 KINDS = ("reverse_kl", "jsd", "topk_reverse_kl")
@@ -259,10 +260,16 @@ def divergence_loss_chunked(
     if N == 0:
         return 0.0, {"divergence_sum": 0.0, "divergence_max": 0.0, "tokens": 0}
 
-    hidden_BTH = final_hidden(
-        model, rollouts.tokens_BT.to(device), rollouts.attention_mask_BT.to(device)
-    )
-    hidden_NH = hidden_BTH[rows_N, cols_N - 1]  # the logit that predicts column c is at c - 1
+    tokens_BT, attention_BT = rollouts.tokens_BT.to(device), rollouts.attention_mask_BT.to(device)
+    shared = None  # each distinct prompt once, when rows share prompts (prompt_sharing.py)
+    if trainer_shares_prompts(model, attention_BT, rollouts.prompt_len):
+        mask_BT = rollouts.completion_mask_BT.to(device)
+        shared = shared_prompt_hidden(model, tokens_BT, attention_BT, mask_BT, rollouts.prompt_len)
+    if shared is not None:
+        hidden_NH = shared[0]  # positions in the same (nonzero) order
+    else:
+        hidden_BTH = final_hidden(model, tokens_BT, attention_BT)
+        hidden_NH = hidden_BTH[rows_N, cols_N - 1]  # the logit that predicts column c is at c - 1
     # The chunks back-propagate into this leaf; the backbone is traversed once, at the end.
     leaf_NH = hidden_NH.detach().requires_grad_()
     denom = max(float(n_tokens_total), 1.0)

@@ -250,16 +250,19 @@ def fused_token_loss(
     vocab_size: int,
     chunk_loss: ChunkLoss,
     chunk_tokens: int = 1024,
+    hidden=None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """A per-token loss of the completion tokens' log-probs, differentiable into the model.
 
     chunk_loss(lp_n, sl) gets the log-probs of completion positions sl (in the order of
     completion_mask_BT.nonzero()) and returns their loss; the result is the sum over chunks.
     Returns (loss, lp_N as constants, (rows_N, cols_N)). The model must have a plain_head.
+    hidden: what `completion_hidden` returns, when the caller has it another way
+    (`prompt_sharing.shared_prompt_hidden`).
     """
     model = inner_model(model)
     head = plain_head(model)
-    hidden_NH, rows_N, cols_N, tokens_N = completion_hidden(
+    hidden_NH, rows_N, cols_N, tokens_N = hidden or completion_hidden(
         model, tokens_BT, attention_mask_BT, completion_mask_BT
     )
     loss, lp_N = _FusedTokenLoss.apply(
