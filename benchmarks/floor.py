@@ -12,7 +12,13 @@ Per token, the transformer body costs 2 * N_body (N_body: every parameter but th
 embedding and the LM head) plus the causal attention term of `opd.flops`; the LM head costs
 2 * d_model * V per position that needs logits. The input-embedding lookup is a gather, not
 counted. Unlike `opd.flops` (a ledger convention that counts the head on every token), this is
-a lower bound: nothing here can be skipped by a smarter implementation of the same step.
+a lower bound for a step that runs every row whole: the issue's floor ("the actual token
+counts"), every row's prompt included.
+
+The rows of one prompt share it, and opd's sampler, teacher and trainer run each distinct
+prompt once (`teachers/shared_prompt.py`, `prompt_sharing.py`), so opd does less than that
+floor counts. `prompts_once=True` gives the stricter floor of a step that also shares prompts:
+each distinct prompt's tokens counted once per phase, every row's completion tokens as before.
 
 Not counted: softmax/log-softmax over the vocabulary, norms, RoPE, activations, the optimizer
 update. They are real time on a CPU (memory-bound), which is why a step cannot reach 1.0x.
@@ -56,15 +62,27 @@ def floor_shape(model) -> FloorShape:
 
 
 def step_floor_flops(
-    student: FloorShape, teacher: FloorShape, prompt_lens_B: list[int], completion_lens_B: list[int]
+    student: FloorShape,
+    teacher: FloorShape,
+    prompt_lens_B: list[int],
+    completion_lens_B: list[int],
+    distinct_prompt_lens: list[int] | None = None,
 ) -> dict[str, int]:
-    """Unavoidable FLOPs per phase of one step for these real (unpadded) lengths."""
+    """Unavoidable FLOPs per phase of one step for these real (unpadded) lengths.
+
+    distinct_prompt_lens: the lengths of the step's distinct prompts, to count each once (the
+    floor of a step that shares prompts); None counts every row's prompt.
+    """
     total_B = [p + c for p, c in zip(prompt_lens_B, completion_lens_B, strict=True)]
     zeros_B = [0] * len(total_B)
     positions = sum(completion_lens_B)  # logits needed at each completion position
 
     def forward(shape: FloorShape) -> int:
-        return forward_flops(shape.body, zeros_B, total_B) + 2 * shape.head * positions
+        if distinct_prompt_lens is None:
+            return forward_flops(shape.body, zeros_B, total_B) + 2 * shape.head * positions
+        prompts = forward_flops(shape.body, [0] * len(distinct_prompt_lens), distinct_prompt_lens)
+        completions = forward_flops(shape.body, prompt_lens_B, completion_lens_B)
+        return prompts + completions + 2 * shape.head * positions
 
     return {
         "sample": forward(student),
@@ -73,16 +91,23 @@ def step_floor_flops(
     }
 
 
-def parts_floor_flops(parts, batch) -> dict[str, int]:
-    """step_floor_flops for an opd run's models (opd.loop.Parts) and one of its batches."""
+def parts_floor_flops(parts, batch, prompts_once: bool = False) -> dict[str, int]:
+    """step_floor_flops for an opd run's models (opd.loop.Parts) and one of its batches;
+    prompts_once: each distinct prompt (batch.prompt_index_B) counted once."""
     from opd.models import inner_model
 
     teacher = next(iter(parts.teacher.teachers.values())).model
+    prompt_B = batch.attention_mask_BT[:, : batch.prompt_len].sum(1)
+    distinct = None
+    if prompts_once:  # each prompt's length, once
+        lens = dict(zip(batch.prompt_index_B.tolist(), prompt_B.tolist(), strict=True))
+        distinct = list(lens.values())
     return step_floor_flops(
         floor_shape(inner_model(parts.student)),
         floor_shape(inner_model(teacher)),
-        batch.attention_mask_BT[:, : batch.prompt_len].sum(1).tolist(),
+        prompt_B.tolist(),
         batch.completion_mask_BT.sum(1).tolist(),
+        distinct,
     )
 
 

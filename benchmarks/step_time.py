@@ -103,13 +103,15 @@ def main() -> None:
         print(f"  {phase:<8}{med('time/' + phase):.3f} s")
     print(f"throughput {med('throughput/tokens_per_s'):.0f} completion tokens/s")
     batch = parts.sampler.sample(parts.prompts[:16], 4, torch.Generator().manual_seed(0))
-    floor = parts_floor_flops(parts, batch)
     peak = gemm_peak(torch.float32, args.threads)
-    floor_s = sum(floor.values()) / peak
-    print(
-        f"compute floor {floor_s:.3f} s ({sum(floor.values()) / 1e9:.1f} GFLOP at a measured "
-        f"{peak / 1e9:.0f} GFLOP/s fp32 GEMM peak): step = {med('time/step') / floor_s:.2f}x floor"
-    )
+    for once in (False, True):
+        floor = parts_floor_flops(parts, batch, prompts_once=once)
+        floor_s = sum(floor.values()) / peak
+        print(
+            f"compute floor{', prompts once' if once else ''} {floor_s:.3f} s "
+            f"({sum(floor.values()) / 1e9:.1f} GFLOP at a measured {peak / 1e9:.0f} GFLOP/s "
+            f"fp32 GEMM peak): step = {med('time/step') / floor_s:.2f}x floor"
+        )
 
 
 if __name__ == "__main__":
