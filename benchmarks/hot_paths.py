@@ -5,7 +5,9 @@ against the plain alternative on the shapes of benchmarks/vs_trl.py (fp32, 2 thr
                 multiplies around a softmax, tried and left out: from one process to the next
                 it was either much faster or much slower (the small pair's teacher pass, 64
                 rows x 8 heads, 31 completion queries over 40 keys; a decode step, 64 x 4
-                heads, 1 query).
+                heads, 1 query). In bf16 a decode step's one query goes the other way:
+                SDPA vs `samplers.kv.one_query_attention` (float32 products), which attend
+                runs there.
     head chunk  512 x 256 hidden states times a 32k x 256 LM head: into a fresh tensor (what
                 `h @ W.T` does) vs `heads.head_logits`, into a buffer reused from call to call.
     packed      `F.linear` vs `packed.PackedLinears` (oneDNN, weight packed once) for a decode
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from opd.heads import head_logits, log_softmax_chunk
 from opd.packed import PackedLinears
 from opd.samplers.hf import inverse_cdf_sample, sample_token
+from opd.samplers.kv import one_query_attention
 
 
 def timed(variants: dict, rounds: int, repeat: int) -> dict[str, float]:
@@ -67,6 +70,26 @@ def bmm_softmax(q_AHLD, k_AKSD, v_AKSD, mask_A1LS, scale):  # tried, not used (u
         alpha=scale,
     )
     return torch.bmm(s_XLS.softmax(-1), v_AKSD.reshape(A * H, S, D))
+
+
+def one_query_case(rounds: int) -> tuple[str, dict[str, float]]:
+    """A bf16 decode step: SDPA vs `samplers.kv.one_query_attention` (what attend runs)."""
+    g = torch.Generator().manual_seed(0)
+    A, K, S, D = 64, 4, 40, 32
+    q, k, v = (torch.randn(A, K, n, D, generator=g).bfloat16() for n in (1, S, S))
+    mask = torch.zeros(A, 1, 1, S, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        return (
+            "decode step 64x4 heads, 1 query x 40 keys, bf16",
+            timed(
+                {
+                    "SDPA": partial(sdpa, q, k, v, mask, D**-0.5),
+                    "opd float32 products": partial(one_query_attention, q, k, v, mask, D**-0.5),
+                },
+                rounds,
+                200,
+            ),
+        )
 
 
 def attention_cases(rounds: int) -> list[tuple[str, dict[str, float]]]:
@@ -200,6 +223,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cases = [
         *attention_cases(args.rounds),
+        one_query_case(args.rounds),
         head_case(args.rounds),
         *packed_cases(args.rounds),
         draw_case(args.rounds),

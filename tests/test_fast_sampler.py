@@ -158,6 +158,29 @@ def test_bfloat16_model_samples_in_its_dtype(tok):
     assert_matches_trainer(model, tok, batch, atol=0.1)  # bf16 kernels round differently
 
 
+def test_one_bf16_query_attends_like_float32_attention():
+    """A bf16 decode step takes float32 products on a CPU (SDPA is ~3x slower there)."""
+    import torch.nn.functional as F
+
+    from opd.samplers.kv import additive, attend
+
+    g = torch.Generator().manual_seed(0)
+    A, H, K, S, D = 3, 8, 2, 9, 16  # 4 query heads per kv head
+    q = torch.randn(A, H, 1, D, generator=g)
+    k, v = torch.randn(2, A, K, S, D, generator=g).unbind(0)
+    seen = torch.rand(A, 1, 1, S, generator=g) > 0.4
+    seen[..., -1] = True  # a decode query sees itself
+    mask = additive(seen, torch.float32)
+    wide = [x.repeat_interleave(H // K, 1) for x in (k, v)]
+    ref = F.scaled_dot_product_attention(q, *wide, attn_mask=mask, scale=D**-0.5).view(A, H * D)
+    assert torch.allclose(attend(q, k, v, mask, D**-0.5), ref, atol=1e-5)  # float32: SDPA
+    bf = [x.bfloat16() for x in (q, k, v, mask)]
+    got = attend(*bf, D**-0.5)
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), ref, atol=2e-2)
+    v_noise = bf[2].masked_fill(~seen[:, :, 0, :, None], 1e4)  # keys it must not see
+    assert torch.equal(attend(bf[0], bf[1], v_noise, bf[3], D**-0.5), got)
+
+
 def test_runs_under_bfloat16_autocast(tok):
     model = model_for(tok, "llama")
     with torch.autocast("cpu", dtype=torch.bfloat16):

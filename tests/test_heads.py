@@ -79,6 +79,26 @@ def test_fused_loss_equals_the_full_logits_path(tok, arch, loss_kind, chunk, cli
     assert (head[len(tok) :] == 0).all()
 
 
+def test_fused_loss_gradient_follows_the_incoming_gradient_and_no_tokens_give_zero(tok):
+    model = tiny.tiny_model(tok, hidden=32, layers=2, vocab_pad=7, seed=4)
+    tokens_BT, attn_BT, mask_BT, _, _, _ = batch(tok)
+    V = len(tok)
+
+    def chunk_loss(lp_n, sl):
+        return -(lp_n * torch.linspace(0.5, 1.5, lp_n.shape[0])).sum()
+
+    def head_grad(scale, mask):
+        model.zero_grad(set_to_none=True)
+        loss, _, _ = fused_token_loss(model, tokens_BT, attn_BT, mask, V, chunk_loss, 5)
+        (loss * scale).backward()
+        return model.get_output_embeddings().weight.grad.clone()
+
+    one = head_grad(1.0, mask_BT)  # loss.backward(): the saved gradient as it is
+    assert torch.allclose(head_grad(-2.5, mask_BT), -2.5 * one, atol=1e-6)
+    none = head_grad(1.0, torch.zeros_like(mask_BT))  # no completion token: nothing unset
+    assert torch.equal(none, torch.zeros_like(none))
+
+
 def test_fused_loss_with_lora_leaves_the_frozen_head_alone(tok):
     model = add_lora(tiny.tiny_model(tok, hidden=32, layers=2, seed=5), 4, 8, "all-linear")
     (ref, _, lp), (fused, _, lp_f) = reference_and_fused(model, tok, "pg", 5)

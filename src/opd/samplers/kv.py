@@ -121,12 +121,24 @@ def attend(q_AHLD, k_AKSD, v_AKSD, mask_A1LS, scale: float) -> torch.Tensor:
     G = H // K
     q_AKMD = q_AHLD.reshape(A, K, G * L, D)
     mask_A1MS = mask_A1LS.repeat(1, 1, G, 1) if G > 1 and L > 1 else mask_A1LS
-    out_AKMD = F.scaled_dot_product_attention(
-        q_AKMD, k_AKSD, v_AKSD, attn_mask=mask_A1MS, scale=scale
-    )
+    if L == 1 and q_AHLD.dtype != torch.float32 and q_AHLD.device.type == "cpu":
+        out_AKMD = one_query_attention(q_AKMD, k_AKSD, v_AKSD, mask_A1MS, scale)
+    else:
+        out_AKMD = F.scaled_dot_product_attention(
+            q_AKMD, k_AKSD, v_AKSD, attn_mask=mask_A1MS, scale=scale
+        )
     if L == 1:  # (A, K, G, D) is already (A, H * D) in memory
         return out_AKMD.view(A, H * D)
     return out_AKMD.view(A, H, L, D).transpose(1, 2).reshape(A * L, H * D)
+
+
+def one_query_attention(q_AKMD, k_AKSD, v_AKSD, mask_A1MS, scale: float) -> torch.Tensor:
+    """A decode step's attention in lower precision on a CPU: two float32 products around a
+    softmax, cast back. SDPA's CPU kernel takes about 3x as long for one bf16 query (and the
+    same as this in float32): `python benchmarks/hot_paths.py`, "decode step ... bf16"."""
+    s_AKMS = torch.matmul(q_AKMD.float(), k_AKSD.float().transpose(-1, -2))
+    s_AKMS = s_AKMS.mul_(scale).add_(mask_A1MS.float())
+    return torch.matmul(s_AKMS.softmax(-1), v_AKSD.float()).to(q_AKMD.dtype)
 
 
 def mlp(module, h_ME: torch.Tensor, linear=call_module) -> torch.Tensor:
