@@ -21,7 +21,11 @@ import torch
 
 from opd.models import inner_model
 from opd.samplers.kv import additive, attend, rope, rotary_tables
-from opd.teachers.shared_prompt import contiguous_completions, shared_prompt_supported
+from opd.teachers.shared_prompt import (
+    completion_tables,
+    contiguous_completions,
+    shared_prompt_supported,
+)
 from opd.types import position_ids
 
 
@@ -93,18 +97,9 @@ def shared_prompt_hidden(model, tokens_BT, attention_mask_BT, completion_mask_BT
     pos_UL = position_ids(attention_UL)
     cos_UL1D, sin_UL1D = cos_SD[pos_UL][:, :, None], sin_SD[pos_UL][:, :, None]
     if L > 0:  # completion queries: the prompt's real tokens, then causal within the completion
-        attention_BL = attention_mask_BT[:, :Lp]
-        pos_BC = attention_BL.sum(-1, keepdim=True) + torch.arange(L, device=device)
-        cos_BC1D, sin_BC1D = cos_SD[pos_BC][:, :, None], sin_SD[pos_BC][:, :, None]
-        causal_CC = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        seen_B1CS = torch.cat(
-            [
-                attention_BL.bool()[:, None, None, :].expand(B, 1, L, Lp),
-                causal_CC.expand(B, 1, L, L),
-            ],
-            dim=-1,
+        cos_BC1D, sin_BC1D, mask_B1CS = completion_tables(
+            attention_mask_BT[:, :Lp], L, cos_SD, sin_SD, xp_ME.dtype
         )
-        mask_B1CS = additive(seen_B1CS, xp_ME.dtype)
         xc_ME = core.embed_tokens(tokens_BT[:, Lp : T - 1]).reshape(B * L, -1)
     for layer in layers:
         xp_ME, kv = _layer(layer, xp_ME, U, Lp, cos_UL1D, sin_UL1D, mask_U1LL)

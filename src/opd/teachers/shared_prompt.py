@@ -35,6 +35,20 @@ def contiguous_completions(attention_mask_BT: torch.Tensor, prompt_len: int) -> 
     return bool((att_BC[:, 1:] <= att_BC[:, :-1]).all())
 
 
+def completion_tables(attention_BL, L: int, cos_SD, sin_SD, dtype):
+    """For L completion columns after left-padded prompts: rotary cos/sin (B, L, 1, D) at
+    their positions (counted from each prompt's first real token), and the queries' additive
+    mask (B, 1, L, Lp + L): column Lp + i sees the prompt's real tokens and columns <= Lp + i."""
+    (B, Lp), device = attention_BL.shape, attention_BL.device
+    pos_BL = attention_BL.sum(-1, keepdim=True) + torch.arange(L, device=device)
+    causal_LL = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    seen_B1LS = torch.cat(
+        [attention_BL.bool()[:, None, None, :].expand(B, 1, L, Lp), causal_LL.expand(B, 1, L, L)],
+        dim=-1,
+    )
+    return cos_SD[pos_BL][:, :, None], sin_SD[pos_BL][:, :, None], additive(seen_B1LS, dtype)
+
+
 def score_shared_prompts(
     model,
     tokens_BT,
@@ -62,19 +76,9 @@ def score_shared_prompts(
     )
     hidden_BCE = hidden_UE[row_to_u_B][:, None]
     if L > 0:
-        attention_BL = attention_mask_BT[:, :Lp]
-        pos_BL = attention_BL.sum(-1, keepdim=True) + torch.arange(L, device=tokens_BT.device)
-        cos_BL1D, sin_BL1D = cos_SD[pos_BL][:, :, None], sin_SD[pos_BL][:, :, None]
-        # query i (column Lp + i) sees the prompt's real tokens and completion columns <= Lp + i
-        causal_LL = torch.ones(L, L, dtype=torch.bool, device=tokens_BT.device).tril()
-        seen_B1LS = torch.cat(
-            [
-                attention_BL.bool()[:, None, None, :].expand(B, 1, L, Lp),
-                causal_LL.expand(B, 1, L, L),
-            ],
-            dim=-1,
+        cos_BL1D, sin_BL1D, mask_B1LS = completion_tables(
+            attention_mask_BT[:, :Lp], L, cos_SD, sin_SD, core.embed_tokens.weight.dtype
         )
-        mask_B1LS = additive(seen_B1LS, core.embed_tokens.weight.dtype)
         x_ME = core.embed_tokens(tokens_BT[:, Lp : T - 1]).reshape(B * L, -1)
         for layer, kv in zip(layers, cache_Y2BKSD, strict=True):
             x_ME = decoder_layer(layer, x_ME, cos_BL1D, sin_BL1D, mask_B1LS, kv, Lp, linear=linear)
