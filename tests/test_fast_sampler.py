@@ -162,7 +162,7 @@ def test_one_bf16_query_attends_like_float32_attention():
     """A bf16 decode step takes float32 products on a CPU (SDPA is ~3x slower there)."""
     import torch.nn.functional as F
 
-    from opd.samplers.kv import additive, attend
+    from opd.samplers.kv import additive, attend, one_query_attention
 
     g = torch.Generator().manual_seed(0)
     A, H, K, S, D = 3, 8, 2, 9, 16  # 4 query heads per kv head
@@ -177,6 +177,8 @@ def test_one_bf16_query_attends_like_float32_attention():
     bf = [x.bfloat16() for x in (q, k, v, mask)]
     got = attend(*bf, D**-0.5)
     assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), ref, atol=2e-2)
+    grouped = (bf[0].reshape(A, K, H // K, D), *bf[1:])
+    assert torch.equal(got, one_query_attention(*grouped, D**-0.5).view(A, H * D))  # its path
     v_noise = bf[2].masked_fill(~seen[:, :, 0, :, None], 1e4)  # keys it must not see
     assert torch.equal(attend(bf[0], bf[1], v_noise, bf[3], D**-0.5), got)
 

@@ -47,6 +47,23 @@ def test_same_hidden_states_and_gradients_as_every_row_on_its_own(tok, arch):
     assert_same_hidden_and_gradients(model, b)
 
 
+def test_bfloat16_models_share_prompts_within_bf16_rounding(tok):
+    model = model_for(tok, "mistral", seed=8).to(torch.bfloat16).eval()  # 4 heads per kv head
+    b = rollouts(model, tok, max_new_tokens=2, seed=9)  # one fed completion column: L == 1
+    args = (b.tokens_BT, b.attention_mask_BT, b.completion_mask_BT)
+    ref = completion_hidden(model, *args)
+    got = shared_prompt_hidden(model, *args, b.prompt_len)
+    assert (got[0].float() - ref[0].float()).abs().max() < 0.05  # bf16 kernels round differently
+    params = [model.model.layers[0].self_attn.q_proj.weight, model.model.embed_tokens.weight]
+    w_NH = torch.randn(ref[0].shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    for r, g in zip(
+        torch.autograd.grad((ref[0] * w_NH).float().sum(), params),
+        torch.autograd.grad((got[0] * w_NH).float().sum(), params),
+        strict=True,
+    ):
+        assert (g.float() - r.float()).norm() < 0.05 * r.float().norm()
+
+
 def test_one_token_completions_and_one_row_per_prompt(tok):
     model = model_for(tok, "llama", seed=2).eval()
     b = rollouts(model, tok, max_new_tokens=1)  # nothing after the prompt is fed
@@ -88,6 +105,17 @@ def test_the_plain_forward_runs_where_sharing_would_not_reproduce_it(tok):
     assert trainer_shares_prompts(model, mask, Lp)  # eval mode: no dropout
     model.train()
     assert not trainer_shares_prompts(model, mask, Lp)
+    model.config.attention_dropout = 0.0
+    assert trainer_shares_prompts(model, mask, Lp)
+    import peft
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.1)
+    lora = peft.get_peft_model(model_for(tok, "llama", seed=5), config)
+    assert trainer_shares_prompts(lora.eval(), mask, Lp)
+    assert not trainer_shares_prompts(lora.train(), mask, Lp)  # LoRA dropout draws per row
+    model.eval()
+    model.gradient_checkpointing_enable()  # recomputed layers: the plain forward's business
+    assert not trainer_shares_prompts(model, mask, Lp)
     cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)
     assert not trainer_shares_prompts(GPT2LMHeadModel(cfg), mask, Lp)
 
@@ -117,9 +145,15 @@ def test_opd_distill_trains_through_the_shared_prompts(models, prompts_file, tmp
     import opd.loop as loop
     from opd.config import build_config
 
-    calls = []
+    shared = []  # per call: whether rows shared prompts (the plain forward ran otherwise)
     real = loop.shared_prompt_hidden
-    monkeypatch.setattr(loop, "shared_prompt_hidden", lambda *a: calls.append(1) or real(*a))
+
+    def spy(*args):
+        out = real(*args)
+        shared.append(out is not None)
+        return out
+
+    monkeypatch.setattr(loop, "shared_prompt_hidden", spy)
     overrides = {
         "model.student": str(models["student"]),
         "model.teacher": str(models["teacher"]),
@@ -132,8 +166,8 @@ def test_opd_distill_trains_through_the_shared_prompts(models, prompts_file, tmp
         "run.preflight": False,
     }
     loop.distill(build_config(None, overrides, []))
-    assert len(calls) == 2  # one micro-batch a step
-    calls.clear()
+    assert shared == [True, True]  # one micro-batch a step
+    shared.clear()
     overrides |= {"sampling.group_size": 1, "run.out": str(tmp_path / "one")}
     loop.distill(build_config(None, overrides, []))
-    assert calls == [1, 1]  # tried; four different prompts share nothing, the plain forward ran
+    assert shared == [False, False]  # four different prompts share nothing: the plain forward

@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--rl-steps",
         type=int,
-        help="math: RL's step budget (default 600; RL stops early at the target); a low start "
-        "needs more",
+        help="math: RL's step budget (default 600, 100 with --quick; RL stops early at the "
+        "target); a low start needs more",
     )
     ex.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
     ex.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)

@@ -35,7 +35,8 @@ not a measurement of what the hardware executed. Deliberately not modelled:
 - padding, finished rows that keep decoding in a batch, and recomputation (activation
   checkpointing) are not counted: only real tokens are;
 - a prompt shared by a group's rows is counted once per row, though the KV sampler prefills it
-  once and an in-process teacher scores it once (teachers/shared_prompt.py);
+  once, an in-process teacher scores it once (teachers/shared_prompt.py) and the trainer runs
+  it once (prompt_sharing.py);
 - the last sampled token of a row is never fed back into the model by a sampler, so sampling
   is over-counted by one token per row, kept so sampling == scoring for the same tokens;
 - a mixture-of-experts model counts every expert, though each token runs only its top-k

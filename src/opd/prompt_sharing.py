@@ -35,10 +35,15 @@ def trainer_shares_prompts(model, attention_mask_BT, prompt_len: int) -> bool:
     checkpointing = getattr(m, "is_activation_checkpointing", None)  # transformers >= 5
     if checkpointing is None:
         checkpointing = getattr(m, "is_gradient_checkpointing", False)
+    # in train mode a dropout (attention, LoRA) would draw one mask for a prompt's G rows
+    dropout = m.training and (
+        getattr(m.config, "attention_dropout", 0.0)
+        or any(isinstance(mod, torch.nn.Dropout) and mod.p > 0 for mod in m.modules())
+    )
     return (
         shared_prompt_supported(model)
         and not checkpointing
-        and not (m.training and getattr(m.config, "attention_dropout", 0.0))
+        and not dropout
         and contiguous_completions(attention_mask_BT, prompt_len)
     )
 
@@ -93,13 +98,17 @@ def shared_prompt_hidden(model, tokens_BT, attention_mask_BT, completion_mask_BT
     seen_U1LL = ((eye_LL.new_ones(Lp, Lp).tril() & attention_UL.bool()[:, None, :]) | eye_LL)[
         :, None
     ]
-    mask_U1LL = additive(seen_U1LL, xp_ME.dtype)
+    # the masks are repeated for grouped query heads here, once for every layer (attend would
+    # make, and autograd keep, a copy per layer)
+    G = model.config.num_attention_heads // model.config.num_key_value_heads
+    mask_U1LL = additive(seen_U1LL, xp_ME.dtype).repeat(1, 1, G, 1)
     pos_UL = position_ids(attention_UL)
     cos_UL1D, sin_UL1D = cos_SD[pos_UL][:, :, None], sin_SD[pos_UL][:, :, None]
     if L > 0:  # completion queries: the prompt's real tokens, then causal within the completion
         cos_BC1D, sin_BC1D, mask_B1CS = completion_tables(
             attention_mask_BT[:, :Lp], L, cos_SD, sin_SD, xp_ME.dtype
         )
+        mask_B1CS = mask_B1CS.repeat(1, 1, G, 1)
         xc_ME = core.embed_tokens(tokens_BT[:, Lp : T - 1]).reshape(B * L, -1)
     for layer in layers:
         xp_ME, kv = _layer(layer, xp_ME, U, Lp, cos_UL1D, sin_UL1D, mask_U1LL)

@@ -120,8 +120,10 @@ def attend(q_AHLD, k_AKSD, v_AKSD, mask_A1LS, scale: float) -> torch.Tensor:
     K = k_AKSD.shape[1]
     G = H // K
     q_AKMD = q_AHLD.reshape(A, K, G * L, D)
-    mask_A1MS = mask_A1LS.repeat(1, 1, G, 1) if G > 1 and L > 1 else mask_A1LS
-    if L == 1 and q_AHLD.dtype != torch.float32 and q_AHLD.device.type == "cpu":
+    mask_A1MS = mask_A1LS
+    if G > 1 and L > 1 and mask_A1LS.shape[2] != G * L:  # not repeated by the caller yet
+        mask_A1MS = mask_A1LS.repeat(1, 1, G, 1)
+    if L == 1 and q_AHLD.dtype in (torch.bfloat16, torch.float16) and q_AHLD.device.type == "cpu":
         out_AKMD = one_query_attention(q_AKMD, k_AKSD, v_AKSD, mask_A1MS, scale)
     else:
         out_AKMD = F.scaled_dot_product_attention(

@@ -10,8 +10,8 @@ log-probs as `scoring.completion_logprobs`, with (G - 1) / G of the prompt token
 for long shared prompts (a chat template and a problem statement, G = 4 to 16) most of it.
 
 Rows share a prompt when their prompt columns (tokens and attention) are identical; nothing is
-trusted from metadata. Left out: sharing between prompts with a common prefix, and training
-(the student's prompt activations need gradients per row; the trainer runs whole rows).
+trusted from metadata. Left out: sharing between prompts with a common prefix. The trainer's
+differentiable twin is `opd.prompt_sharing`.
 """
 
 from __future__ import annotations
