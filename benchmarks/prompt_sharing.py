@@ -48,18 +48,18 @@ def run(pair: str, rounds: int, steps: int, threads: int) -> dict[bool, list[dic
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         parts = loop.setup_run(build_config(None, overrides, []), ctx)
     never_sample_eos(parts.tokenizer.eos_token_id)
-    shares = loop.trainer_shares_prompts
+    shared_hidden = loop.shared_prompt_hidden
     step = 0
     for step in range(2):  # warm-up
         loop.train_step(step, parts)
     rows: dict[bool, list[dict]] = {True: [], False: []}
     for r in range(rounds):
         for on in (True, False) if r % 2 == 0 else (False, True):
-            loop.trainer_shares_prompts = shares if on else (lambda *a: False)
+            loop.shared_prompt_hidden = shared_hidden if on else (lambda *a: None)
             for _ in range(steps):
                 step += 1
                 rows[on].append(loop.train_step(step, parts))
-    loop.trainer_shares_prompts = shares
+    loop.shared_prompt_hidden = shared_hidden
     return rows
 
 

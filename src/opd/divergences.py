@@ -31,7 +31,7 @@ import torch
 
 from opd.heads import check_plain_head, final_hidden, logprobs_at
 from opd.models import inner_model
-from opd.prompt_sharing import shared_prompt_hidden, trainer_shares_prompts
+from opd.prompt_sharing import shared_prompt_hidden
 from opd.types import Rollouts, autocast_context
 
 KINDS = ("reverse_kl", "jsd", "topk_reverse_kl")
@@ -255,16 +255,15 @@ def divergence_loss_chunked(
     check_plain_head(model)
     head = model.get_output_embeddings()
     device = head.weight.device
-    rows_N, cols_N = rollouts.completion_mask_BT.to(device).nonzero(as_tuple=True)
+    mask_BT = rollouts.completion_mask_BT.to(device)
+    rows_N, cols_N = mask_BT.nonzero(as_tuple=True)
     N = rows_N.numel()
     if N == 0:
         return 0.0, {"divergence_sum": 0.0, "divergence_max": 0.0, "tokens": 0}
 
     tokens_BT, attention_BT = rollouts.tokens_BT.to(device), rollouts.attention_mask_BT.to(device)
-    shared = None  # each distinct prompt once, when rows share prompts (prompt_sharing.py)
-    if trainer_shares_prompts(model, attention_BT, rollouts.prompt_len):
-        mask_BT = rollouts.completion_mask_BT.to(device)
-        shared = shared_prompt_hidden(model, tokens_BT, attention_BT, mask_BT, rollouts.prompt_len)
+    # each distinct prompt once, when rows share prompts (prompt_sharing.py); None: plain forward
+    shared = shared_prompt_hidden(model, tokens_BT, attention_BT, mask_BT, rollouts.prompt_len)
     if shared is not None:
         hidden_NH = shared[0]  # positions in the same (nonzero) order
     else:

@@ -38,7 +38,7 @@ from opd.models import (
     output_vocab,
 )
 from opd.objectives import kl_advantages, lr_at, nll_loss, policy_gradient_loss, reverse_kl
-from opd.prompt_sharing import shared_prompt_hidden, trainer_shares_prompts
+from opd.prompt_sharing import shared_prompt_hidden
 from opd.rewards import combined_advantages, group_centered, reward_advantages_BT, task_rewards
 from opd.samplers import Sampler, make_sampler
 from opd.samplers.autocast import AutocastSampler
@@ -257,11 +257,10 @@ def token_loss_fused(p: Parts, mb, loss_kind: str, n_tokens) -> tuple[torch.Tens
         clip = p.cfg.objective.clip_ratio
         return policy_gradient_loss(lp_n, sampler_lp_N[sl], adv_N[sl], ones_n, n_tokens, clip)[0]
 
-    hidden = None  # each distinct prompt once, when rows share prompts (prompt_sharing.py)
-    if trainer_shares_prompts(p.student, mb.attention_mask_BT, mb.prompt_len):
-        hidden = shared_prompt_hidden(
-            p.student, mb.tokens_BT, mb.attention_mask_BT, mask_BT, mb.prompt_len
-        )
+    # each distinct prompt once, when rows share prompts (prompt_sharing.py); None: plain forward
+    hidden = shared_prompt_hidden(
+        p.student, mb.tokens_BT, mb.attention_mask_BT, mask_BT, mb.prompt_len
+    )
     loss, lp_N, _ = fused_token_loss(
         p.student,
         mb.tokens_BT,

@@ -24,6 +24,7 @@ from opd.samplers.kv import additive, attend, rope, rotary_tables
 from opd.teachers.shared_prompt import (
     completion_tables,
     contiguous_completions,
+    distinct_prompts,
     shared_prompt_supported,
 )
 from opd.types import position_ids
@@ -74,22 +75,24 @@ def _layer(layer, x_ME, A: int, L: int, cos_AL1D, sin_AL1D, mask_A1LS, prefix=No
 
 def shared_prompt_hidden(model, tokens_BT, attention_mask_BT, completion_mask_BT, prompt_len: int):
     """Like `heads.completion_hidden`: (hidden_NH, rows_N, cols_N, tokens_N) for the N completion
-    tokens, differentiable into the model; None when no two rows share a prompt (nothing saved).
+    tokens, differentiable into the model; None when this pass would not reproduce the model's
+    forward on this batch (`trainer_shares_prompts`) or no two rows share a prompt (nothing
+    saved): the caller then runs the plain forward.
 
-    Check `trainer_shares_prompts` first. Rows share a prompt when their prompt columns (tokens
-    and attention) are identical; nothing is trusted from metadata.
+    Rows share a prompt when their prompt columns (tokens and attention) are identical; nothing
+    is trusted from metadata.
     """
+    if not trainer_shares_prompts(model, attention_mask_BT, prompt_len):
+        return None
     model = inner_model(model)
     core = model.model
     layers = core.layers[: model.config.num_hidden_layers]
     B, T = tokens_BT.shape
     Lp, L = prompt_len, T - prompt_len - 1  # the last column is never fed: nothing follows it
-    prompt_B2L = torch.stack([tokens_BT[:, :Lp], attention_mask_BT[:, :Lp]], 1)
-    unique_U2L, row_to_u_B = torch.unique(prompt_B2L, dim=0, return_inverse=True)
-    U = unique_U2L.shape[0]
+    tokens_UL, attention_UL, row_to_u_B = distinct_prompts(tokens_BT, attention_mask_BT, Lp)
+    U = tokens_UL.shape[0]
     if U == B:
         return None
-    tokens_UL, attention_UL = unique_U2L[:, 0], unique_U2L[:, 1]
     device = tokens_BT.device
     xp_ME = core.embed_tokens(tokens_UL).view(U * Lp, -1)
     cos_SD, sin_SD = rotary_tables(core, xp_ME, T)

@@ -35,6 +35,14 @@ def contiguous_completions(attention_mask_BT: torch.Tensor, prompt_len: int) -> 
     return bool((att_BC[:, 1:] <= att_BC[:, :-1]).all())
 
 
+def distinct_prompts(tokens_BT, attention_mask_BT, prompt_len: int):
+    """(tokens_UL, attention_UL, row_to_u_B): the batch's U distinct prompts (rows whose prompt
+    columns, tokens and attention, are identical) and which of them each row holds."""
+    prompt_B2L = torch.stack([tokens_BT[:, :prompt_len], attention_mask_BT[:, :prompt_len]], 1)
+    unique_U2L, row_to_u_B = torch.unique(prompt_B2L, dim=0, return_inverse=True)
+    return unique_U2L[:, 0], unique_U2L[:, 1], row_to_u_B
+
+
 def completion_tables(attention_BL, L: int, cos_SD, sin_SD, dtype):
     """For L completion columns after left-padded prompts: rotary cos/sin (B, L, 1, D) at
     their positions (counted from each prompt's first real token), and the queries' additive
@@ -68,11 +76,10 @@ def score_shared_prompts(
     layers = core.layers[: model.config.num_hidden_layers]
     B, T = tokens_BT.shape
     Lp, L = prompt_len, T - prompt_len - 1  # the last column is never fed: nothing follows it
-    prompt_B2L = torch.stack([tokens_BT[:, :Lp], attention_mask_BT[:, :Lp]], 1)
-    unique_U2L, row_to_u_B = torch.unique(prompt_B2L, dim=0, return_inverse=True)
+    tokens_UL, attention_UL, row_to_u_B = distinct_prompts(tokens_BT, attention_mask_BT, Lp)
     # hidden_U: the last prompt position's hidden state, which predicts completion column Lp
     hidden_UE, cache_Y2BKSD, cos_SD, sin_SD = prefill(
-        model, unique_U2L[:, 0], unique_U2L[:, 1], T - 1, False, row_to_u_B, linear
+        model, tokens_UL, attention_UL, T - 1, False, row_to_u_B, linear
     )
     hidden_BCE = hidden_UE[row_to_u_B][:, None]
     if L > 0:
