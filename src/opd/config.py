@@ -169,6 +169,12 @@ class RunConfig:
         "(bf16 matrix multiplies where the CPU/GPU has them; log-probs move by ~1e-2); "
         "training keeps the weights' dtype. 'none': everything in the weights' dtype.",
     )
+    fast_paths: bool = _f(
+        True,
+        "Use opd's speed paths (fast/: KV-cache decoding, each shared prompt once, the fused "
+        "chunked LM head, packed linears); false runs the plain Hugging Face forward everywhere "
+        "(sampler, teacher, trainer), to bisect a numerical difference.",
+    )
     preflight: bool = _f(
         True, "Check the teacher before step 1: its KL on its own samples and the start KL."
     )

@@ -32,12 +32,9 @@ import torch
 from opd.heads import check_plain_head, final_hidden, logprobs_at
 from opd.models import inner_model
 from opd.prompt_sharing import shared_prompt_hidden
-from opd.types import Rollouts, autocast_context
+from opd.types import LOGP_FLOOR, Rollouts, autocast_context
 
 KINDS = ("reverse_kl", "jsd", "topk_reverse_kl")
-# A teacher log-prob of -inf (a served teacher's hard mask) would make the KL infinite; below
-# this a float32 probability is denormal anyway, so the floor changes no realistic value.
-LOGP_FLOOR = -100.0
 # The teacher's tail is 1 - sum(top-k probs) of numbers rounded elsewhere (~1e-7 noise or worse):
 # a smaller tail is noise, and clamping keeps its log finite.
 TAIL_FLOOR = 1e-8

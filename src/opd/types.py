@@ -20,6 +20,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+# A teacher log-prob of -inf (a served teacher's hard mask) would make a KL or an advantage
+# infinite; below this a float32 probability is denormal anyway, so the floor changes no
+# realistic value.
+LOGP_FLOOR = -100.0
+
 
 @dataclass
 class Rollouts:

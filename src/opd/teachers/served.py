@@ -26,9 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import torch
 
-from opd.divergences import LOGP_FLOOR
 from opd.errors import OpdError
-from opd.types import Rollouts
+from opd.types import LOGP_FLOOR, Rollouts
 
 
 class _Retryable(Exception):
