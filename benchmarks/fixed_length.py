@@ -9,8 +9,8 @@ but opd then leaves the chunked LM-head paths, which never call the head's forwa
 
 from __future__ import annotations
 
+import opd.fast.decode as kv_sampler
 import opd.samplers.hf as hf_sampler
-import opd.samplers.kv as kv_sampler
 
 
 def never_sample_eos(eos_id: int) -> None:

@@ -92,7 +92,7 @@ def step_floor_flops(
 
 
 def parts_floor_flops(parts, batch, prompts_once: bool = False) -> dict[str, int]:
-    """step_floor_flops for an opd run's models (opd.loop.Parts) and one of its batches;
+    """step_floor_flops for an opd run's models (opd.build.Run) and one of its batches;
     prompts_once: each distinct prompt (batch.prompt_index_B) counted once."""
     from opd.models import inner_model
 

@@ -1,12 +1,12 @@
 """The CPU choices inside opd's decode loop, teacher scoring and LM-head chunks, each timed
 against the plain alternative on the shapes of benchmarks/vs_trl.py (fp32, 2 threads).
 
-    attention   SDPA's fused CPU kernel (what `samplers.kv.attend` runs) vs two batched matrix
+    attention   SDPA's fused CPU kernel (what `fast.llama.attend` runs) vs two batched matrix
                 multiplies around a softmax, tried and left out: from one process to the next
                 it was either much faster or much slower (the small pair's teacher pass, 64
                 rows x 8 heads, 31 completion queries over 40 keys; a decode step, 64 x 4
                 heads, 1 query). In bf16 a decode step's one query goes the other way:
-                SDPA vs `samplers.kv.one_query_attention` (float32 products), which attend
+                SDPA vs `fast.llama.one_query_attention` (float32 products), which attend
                 runs there.
     head chunk  512 x 256 hidden states times a 32k x 256 LM head: into a fresh tensor (what
                 `h @ W.T` does) vs `heads.head_logits`, into a buffer reused from call to call.
@@ -14,7 +14,7 @@ against the plain alternative on the shapes of benchmarks/vs_trl.py (fp32, 2 thr
                 step's LM head (64 x 256 @ 256 x 32k) and a teacher MLP projection
                 (1984 x 256 @ 256 x 704).
     draw        one token per row of 64 x 32k probabilities: torch.multinomial, one float64
-                cumulative sum over the row, and `samplers.hf.inverse_cdf_sample` (two levels).
+                cumulative sum over the row, and `draw.inverse_cdf_sample` (two levels).
     log-softmax a 512 x 32k chunk of logits (teacher scoring, the trainer's fused loss):
                 separate amax / sub / exp / sum passes (what opd did before) vs
                 `heads.log_softmax_chunk`, torch's row kernel in place.
@@ -37,10 +37,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from opd.heads import head_logits, log_softmax_chunk
-from opd.packed import PackedLinears
-from opd.samplers.hf import inverse_cdf_sample, sample_token
-from opd.samplers.kv import one_query_attention
+from opd.draw import inverse_cdf_sample, sample_token
+from opd.fast.heads import head_logits, log_softmax_chunk
+from opd.fast.llama import one_query_attention
+from opd.fast.packed import PackedLinears
 
 
 def timed(variants: dict, rounds: int, repeat: int) -> dict[str, float]:
@@ -56,7 +56,7 @@ def timed(variants: dict, rounds: int, repeat: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def sdpa(q_AHLD, k_AKSD, v_AKSD, mask_A1LS, scale):  # what samplers.kv.attend runs
+def sdpa(q_AHLD, k_AKSD, v_AKSD, mask_A1LS, scale):  # what fast.llama.attend runs
     return F.scaled_dot_product_attention(q_AHLD, k_AKSD, v_AKSD, attn_mask=mask_A1LS, scale=scale)
 
 
@@ -73,7 +73,7 @@ def bmm_softmax(q_AHLD, k_AKSD, v_AKSD, mask_A1LS, scale):  # tried, not used (u
 
 
 def one_query_case(rounds: int) -> tuple[str, dict[str, float]]:
-    """A bf16 decode step: SDPA vs `samplers.kv.one_query_attention` (what attend runs)."""
+    """A bf16 decode step: SDPA vs `fast.llama.one_query_attention` (what attend runs)."""
     g = torch.Generator().manual_seed(0)
     A, K, S, D = 64, 4, 40, 32
     q, k, v = (torch.randn(A, K, n, D, generator=g).bfloat16() for n in (1, S, S))

@@ -25,9 +25,10 @@ from floor import gemm_peak, parts_floor_flops
 from transformers.utils import logging as hf_logging
 
 from opd import tiny
+from opd.build import build_run as setup_run
 from opd.config import build_config
 from opd.distributed import setup
-from opd.loop import setup_run, train_step
+from opd.train import train_step
 
 
 def main() -> None:

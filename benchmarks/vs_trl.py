@@ -132,9 +132,10 @@ def child_opd(root: Path, args, loss: str) -> dict:
     import torch
     from fixed_length import never_sample_eos  # benchmarks/ is on sys.path
 
+    from opd.build import build_run as setup_run
     from opd.config import build_config
     from opd.distributed import setup
-    from opd.loop import setup_run, train_step
+    from opd.train import train_step
 
     cfg = build_config(
         None,

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from opd.data import Prompt, pack
+from opd.draw import inverse_cdf_sample, sample_token
+from opd.logprobs import completion_logprobs
 from opd.models import load_model, load_tokenizer
 from opd.objectives import kl_advantages, policy_gradient_loss
-from opd.samplers.hf import HFSampler, inverse_cdf_sample, sample_token
-from opd.scoring import completion_logprobs
+from opd.samplers.hf import HFSampler
 from opd.teachers.local import LocalTeacher
 
 RAGGED = [("ab=", "ba"), ("abcdefg=", "gfedcba"), ("c=", "c"), ("hijab=", "bajih")]

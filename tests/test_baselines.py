@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 
+from opd.build import build_run as setup_run
 from opd.config import build_config
 from opd.data import step_indices
 from opd.distributed import DistContext
 from opd.errors import OpdError
 from opd.flops import forward_flops, model_shape, sampling_flops, train_flops
-from opd.loop import distill, sampling_generator, setup_run, step_rewards, train_step
-from opd.scoring import completion_logprobs
+from opd.logprobs import completion_logprobs
+from opd.train import distill, sampling_generator, train_step
 
 from .conftest import write_jsonl
 from .test_cli import run_cli
@@ -40,7 +41,7 @@ def test_rl_step_raises_rewarded_completions_over_the_rest(models, prompts_file,
     idx = step_indices(0, len(p.prompts), 16, 0, True, 0, 1)
     prompts = [p.prompts[i] for i in idx]
     batch = p.sampler.sample(prompts, 4, sampling_generator(0, 0, 0, torch.device("cpu")))
-    rewards = step_rewards(p, batch, prompts)
+    rewards = p.score(batch, prompts).rewards_B
     assert 0 < rewards.mean() < 1, rewards  # a mix, so the centred advantages are not all 0
 
     def mean_lp():
@@ -79,7 +80,7 @@ def test_reward_plus_kl_and_its_errors(models, prompts_file, tmp_path):
     )
     metrics = train_step(0, p)
     assert {"reward/mean", "teacher/kl"} <= metrics.keys()
-    with pytest.raises(OpdError, match="reward_coef=1.0 adds the reward"):
+    with pytest.raises(OpdError, match="objective.reward_coef=1.0 has no effect with objective.kind=.opd., objective.loss=.full."):
         parts_for(
             models,
             prompts_file,

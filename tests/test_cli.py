@@ -78,8 +78,13 @@ def test_three_step_run_writes_every_file(models, prompts_file, tmp_path):
         assert key in rows[0], key
     assert abs(rows[0]["ratio/mean"] - 1.0) < 1e-4  # on-policy before the first update
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
-    for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
-        assert (out / "checkpoints" / "step_000003" / name).is_file()
+    ckpt = out / "checkpoints" / "step_000003"
+    assert sorted(p.name for p in ckpt.iterdir()) == [  # no RNG state or data cursor: unused
+        "optimizer.safetensors",
+        "state.json",
+        "trainable.safetensors",
+    ]
+    assert "data_cursor" not in json.loads((ckpt / "state.json").read_text())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -411,3 +416,64 @@ def test_config_from_an_older_opd_without_new_keys_still_resumes(
     with pytest.raises(SystemExit) as exc:
         main(distill_args(models, prompts_file, out, 2))
     assert exc.value.code == 0 and "resuming from" in capsys.readouterr().out
+
+
+# ---- --help: required only where config.validate requires it ----
+
+
+def help_lines(command, capsys, monkeypatch):
+    """`opd COMMAND --help`, one line per help entry: key -> the line with its help text."""
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps nothing at this width
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    found = {}
+    for line in text.splitlines():
+        for key in (
+            "model.student",
+            "model.teacher",
+            "model.teacher_model",
+            "model.teacher_api_key",
+            "model.teachers",
+            "data.prompts",
+            "run.out",
+            "eval.prompts",
+        ):  # a flag's help ends "(KEY; default)"; the epilog's lines start "KEY = default"
+            if f"({key};" in line or line.strip().startswith(f"{key} ="):
+                assert key not in found, (key, found[key], line)
+                found[key] = line
+    return found
+
+
+@pytest.mark.parametrize("command", ["distill", "sft", "rl"])
+def test_help_marks_only_the_keys_validate_requires_as_required(command, capsys, monkeypatch):
+    lines = help_lines(command, capsys, monkeypatch)
+    for key in ("model.teacher_model", "model.teacher_api_key", "model.teachers", "eval.prompts"):
+        assert "required" not in lines[key], lines[key]
+    for key in ("model.teacher_model", "model.teacher_api_key"):
+        assert "default ''" in lines[key] or "not used by rl" in lines[key], lines[key]
+    for key in ("model.teachers", "eval.prompts"):
+        assert f"{key} = ''" in lines[key], lines[key]
+    for key in ("model.student", "data.prompts", "run.out"):
+        assert "required" in lines[key], lines[key]
+    teacher = lines["model.teacher"]
+    assert ("(model.teacher; required)" in teacher) == (command == "distill"), teacher
+
+
+@pytest.mark.parametrize("kind", ["opd", "sft", "rl"])
+def test_required_keys_are_exactly_what_validate_rejects_when_empty(kind):
+    from opd import config as config_mod
+    from opd.errors import OpdError
+
+    need = [key for key, kinds in config_mod.REQUIRED_KEYS.items() if kind in kinds]
+    flags = {key: "x" for key in need}
+    config_mod.build_config(None, {**flags, "objective.kind": kind}, [])  # nothing else needed
+    for key in need:
+        with pytest.raises(OpdError, match=key):
+            config_mod.build_config(None, {**flags, key: "", "objective.kind": kind}, [])
+    text = config_mod.fields_help(kind)
+    for line in text.splitlines()[1:]:
+        key = line.strip().split(" ", 1)[0]
+        if not key.startswith("["):
+            assert ("(required" in line) == (key in need), line

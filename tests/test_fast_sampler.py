@@ -18,11 +18,12 @@ from opd import tiny
 from opd.config import Config, apply_overrides, validate
 from opd.data import Prompt
 from opd.errors import OpdError
+from opd.fast.decode import KVCacheSampler
+from opd.fast.llama import kv_supported
+from opd.logprobs import completion_logits, completion_logprobs
 from opd.models import add_lora, load_model
 from opd.samplers import make_sampler
 from opd.samplers.hf import HFSampler
-from opd.samplers.kv import KVCacheSampler, kv_supported
-from opd.scoring import completion_logits, completion_logprobs
 
 from .test_cli import distill_args
 
@@ -116,8 +117,8 @@ def test_sampler_logprobs_equal_trainer_logprobs(tok, arch):
 
 
 def test_wide_lm_head_is_packed_and_matches_the_trainer(tok, monkeypatch):
-    import opd.samplers.kv as kv
-    from opd.packed import PackedLinears, packing_works
+    import opd.fast.decode as kv
+    from opd.fast.packed import PackedLinears, packing_works
 
     if not packing_works():
         pytest.skip("this torch build lacks oneDNN linear")
@@ -162,7 +163,7 @@ def test_one_bf16_query_attends_like_float32_attention():
     """A bf16 decode step takes float32 products on a CPU (SDPA is ~3x slower there)."""
     import torch.nn.functional as F
 
-    from opd.samplers.kv import additive, attend, one_query_attention
+    from opd.fast.llama import additive, attend, one_query_attention
 
     g = torch.Generator().manual_seed(0)
     A, H, K, S, D = 3, 8, 2, 9, 16  # 4 query heads per kv head

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from opd import tiny
-from opd.heads import fused_token_loss, plain_head, score_completions
+from opd.fast.heads import fused_token_loss, plain_head, score_completions
+from opd.logprobs import completion_logprobs
 from opd.models import add_lora
 from opd.objectives import nll_loss, policy_gradient_loss
-from opd.scoring import completion_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_hooks_on_the_head_take_the_plain_path(tok):
 def test_scratch_buffer_is_reused_per_thread_and_per_inference_mode():
     import threading
 
-    from opd.heads import scratch
+    from opd.fast.heads import scratch
 
     cpu = torch.device("cpu")
     a = scratch(4, 10, torch.float32, cpu)
@@ -204,7 +204,7 @@ def test_scratch_buffer_is_reused_per_thread_and_per_inference_mode():
 
 
 def test_head_logits_keep_autocast_and_weight_precision():
-    from opd.heads import head_logits
+    from opd.fast.heads import head_logits
 
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(5, 16, generator=g), torch.randn(30, 16, generator=g)
@@ -222,7 +222,7 @@ def test_head_logits_keep_autocast_and_weight_precision():
 def test_log_softmax_in_place_over_a_wide_chunk_equals_out_of_place():
     # log_softmax_chunk writes over its input; torch's row kernel must read a row before it
     # writes it, for any row width (one vector, many, past the cache) and extreme logits.
-    from opd.heads import log_softmax_chunk
+    from opd.fast.heads import log_softmax_chunk
 
     g = torch.Generator().manual_seed(0)
     for cols in (7, 64, 1000, 40_000):

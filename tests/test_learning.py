@@ -5,7 +5,7 @@ import json
 import pytest
 
 from opd.config import build_config
-from opd.loop import distill
+from opd.train import distill
 
 
 def _learn(models, prompts_file, out, steps, **extra):

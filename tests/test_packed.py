@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from opd.packed import PackedLinears, packable, packing_works
+from opd.fast.packed import PackedLinears, packable, packing_works
 
 pytestmark = pytest.mark.skipif(not packing_works(), reason="this torch build lacks oneDNN linear")
 

@@ -4,9 +4,9 @@ same gradients as the plain forward over every row, for each supported architect
 import pytest
 import torch
 
-from opd.heads import completion_hidden
+from opd.fast.shared_prompt import shared_prompt_hidden, shares_prompts
+from opd.logprobs import completion_hidden
 from opd.models import add_lora
-from opd.prompt_sharing import shared_prompt_hidden, trainer_shares_prompts
 from opd.samplers import make_sampler
 
 from .test_fast_sampler import as_prompts, model_for
@@ -21,7 +21,7 @@ def rollouts(model, tok, max_new_tokens=12, seed=0, group=3):
 
 def assert_same_hidden_and_gradients(model, b, params=None):
     args = (b.tokens_BT, b.attention_mask_BT, b.completion_mask_BT)
-    assert trainer_shares_prompts(model, b.attention_mask_BT, b.prompt_len)
+    assert shares_prompts(model, b.attention_mask_BT, b.prompt_len)
     ref = completion_hidden(model, *args)
     got = shared_prompt_hidden(model, *args, b.prompt_len)
     for r, g in zip(ref[1:], got[1:], strict=True):  # rows, columns and tokens, same order
@@ -94,34 +94,34 @@ def test_the_plain_forward_runs_where_sharing_would_not_reproduce_it(tok):
     model = model_for(tok, "llama", seed=5).eval()
     b = rollouts(model, tok)
     mask, Lp = b.attention_mask_BT, b.prompt_len
-    assert trainer_shares_prompts(model, mask, Lp)
+    assert shares_prompts(model, mask, Lp)
     gap = mask.clone()
     gap[0, Lp] = 0  # a hole inside a completion: positions would differ
-    assert not trainer_shares_prompts(model, gap, Lp)
+    assert not shares_prompts(model, gap, Lp)
     handle = model.model.layers[0].register_forward_hook(lambda *a: None)
-    assert not trainer_shares_prompts(model, mask, Lp)  # the layer's forward would be bypassed
+    assert not shares_prompts(model, mask, Lp)  # the layer's forward would be bypassed
     handle.remove()
     model.config.attention_dropout = 0.1
-    assert trainer_shares_prompts(model, mask, Lp)  # eval mode: no dropout
+    assert shares_prompts(model, mask, Lp)  # eval mode: no dropout
     model.train()
-    assert not trainer_shares_prompts(model, mask, Lp)
+    assert not shares_prompts(model, mask, Lp)
     model.config.attention_dropout = 0.0
-    assert trainer_shares_prompts(model, mask, Lp)
+    assert shares_prompts(model, mask, Lp)
     import peft
 
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.1)
     lora = peft.get_peft_model(model_for(tok, "llama", seed=5), config)
-    assert trainer_shares_prompts(lora.eval(), mask, Lp)
-    assert not trainer_shares_prompts(lora.train(), mask, Lp)  # LoRA dropout draws per row
+    assert shares_prompts(lora.eval(), mask, Lp)
+    assert not shares_prompts(lora.train(), mask, Lp)  # LoRA dropout draws per row
     model.eval()
     model.gradient_checkpointing_enable()  # recomputed layers: the plain forward's business
-    assert not trainer_shares_prompts(model, mask, Lp)
+    assert not shares_prompts(model, mask, Lp)
     cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)
-    assert not trainer_shares_prompts(GPT2LMHeadModel(cfg), mask, Lp)
+    assert not shares_prompts(GPT2LMHeadModel(cfg), mask, Lp)
 
 
 def test_the_fused_loss_is_the_same_through_the_shared_prompts(tok):
-    from opd.heads import fused_token_loss
+    from opd.fast.heads import fused_token_loss
 
     model = model_for(tok, "llama", seed=6).eval()
     b = rollouts(model, tok, seed=7)
@@ -142,18 +142,19 @@ def test_the_fused_loss_is_the_same_through_the_shared_prompts(tok):
 
 
 def test_opd_distill_trains_through_the_shared_prompts(models, prompts_file, tmp_path, monkeypatch):
-    import opd.loop as loop
+    import opd.losses as losses
     from opd.config import build_config
+    from opd.train import distill
 
     shared = []  # per call: whether rows shared prompts (the plain forward ran otherwise)
-    real = loop.shared_prompt_hidden
+    real = losses.shared_prompt_hidden
 
     def spy(*args):
         out = real(*args)
         shared.append(out is not None)
         return out
 
-    monkeypatch.setattr(loop, "shared_prompt_hidden", spy)
+    monkeypatch.setattr(losses, "shared_prompt_hidden", spy)
     overrides = {
         "model.student": str(models["student"]),
         "model.teacher": str(models["teacher"]),
@@ -165,9 +166,14 @@ def test_opd_distill_trains_through_the_shared_prompts(models, prompts_file, tmp
         "sampling.max_new_tokens": 6,
         "run.preflight": False,
     }
-    loop.distill(build_config(None, overrides, []))
+    distill(build_config(None, overrides, []))
     assert shared == [True, True]  # one micro-batch a step
     shared.clear()
     overrides |= {"sampling.group_size": 1, "run.out": str(tmp_path / "one")}
-    loop.distill(build_config(None, overrides, []))
+    distill(build_config(None, overrides, []))
     assert shared == [False, False]  # four different prompts share nothing: the plain forward
+    shared.clear()
+    overrides |= {"sampling.group_size": 2, "run.out": str(tmp_path / "plain")}
+    overrides |= {"run.fast_paths": False}
+    distill(build_config(None, overrides, []))
+    assert shared == []  # run.fast_paths=false: the plain forward, not even asked

@@ -357,3 +357,106 @@ def test_sglang_native_api(teacher, batch):
         served.close()
     finally:
         fake.httpd.shutdown()
+
+
+# -- stopping, Retry-After and jitter, against a fake transport ---------------------------
+
+
+def _rows(n: int):
+    """n one-token-prompt rows whose first token is the row's number (so a fake can tell them
+    apart)."""
+    from opd.types import Rollouts
+
+    tokens = torch.tensor([[b + 1, 5, 6] for b in range(n)])
+    return Rollouts(
+        tokens_BT=tokens,
+        attention_mask_BT=torch.ones_like(tokens),
+        completion_mask_BT=torch.tensor([[False, True, True]] * n),
+        prompt_len=1,
+        sampler_lp_BT=torch.zeros(n, 3),
+        prompt_index_B=torch.arange(n),
+    )
+
+
+def _answer(request: httpx.Request) -> httpx.Response:
+    """A vLLM /completions answer: log p = -1 for every token."""
+    rows = json.loads(request.content)["prompt"]
+    choices = [
+        {"index": i, "prompt_logprobs": [None] + [{str(t): {"logprob": -1.0}} for t in ids[1:]]}
+        for i, ids in enumerate(rows)
+    ]
+    return httpx.Response(200, json={"choices": choices})
+
+
+def _fake(handler, **kw) -> ServedTeacher:
+    return ServedTeacher("http://fake/v1", model="m", transport=httpx.MockTransport(handler), **kw)
+
+
+def test_a_request_that_fails_for_good_stops_its_siblings_at_once():
+    hits = []
+
+    def handler(request):
+        hits.append(time.monotonic())
+        if json.loads(request.content)["prompt"][0][0] == 4:  # the last row's request
+            return httpx.Response(400, json={"error": {"message": "bad row"}})
+        time.sleep(0.3)  # the siblings are slow and never recover
+        return httpx.Response(503, json={"error": {"message": "overloaded"}})
+
+    served = _fake(handler, retries=3, backoff=0.5, concurrency=4, batch_rows=1)
+    start = time.monotonic()
+    with pytest.raises(OpdError, match=r"^teacher http://fake/v1: HTTP 400: bad row$"):
+        served.score(_rows(4))
+    assert time.monotonic() - start < 0.25  # neither the slow siblings nor their backoff
+    count = len(hits)
+    time.sleep(1.2)  # past the in-flight siblings and their first backoff
+    assert len(hits) == count  # nobody retried after the call gave up
+    served.close()
+
+
+def test_retry_after_is_obeyed_and_capped():
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    hits, answers = [], []
+
+    def handler(request):
+        hits.append(time.monotonic())
+        return answers.pop(0)() if answers else _answer(request)
+
+    def in_2s():  # an HTTP date has whole seconds: 1-2 s from now
+        when = datetime.now(timezone.utc) + timedelta(seconds=2)
+        return httpx.Response(503, headers={"Retry-After": format_datetime(when, usegmt=True)})
+
+    answers[:] = [lambda: httpx.Response(429, headers={"Retry-After": "1"}), in_2s]
+    served = _fake(handler, retries=3, backoff=0.001, timeout=5.0)
+    assert served.score(_rows(1)).tolist() == [[0.0, -1.0, -1.0]]
+    gaps = [b - a for a, b in zip(hits, hits[1:], strict=False)]
+    assert 0.95 <= gaps[0] < 1.5 and 0.95 <= gaps[1] < 2.5, gaps
+    served.close()
+
+    hits.clear()
+    answers[:] = [lambda: httpx.Response(503, headers={"Retry-After": "3600"})]
+    served = _fake(handler, retries=1, backoff=0.001, timeout=0.4)  # an hour, capped at 0.4 s
+    served.score(_rows(1))
+    assert 0.35 <= hits[1] - hits[0] < 1.0, hits
+    served.close()
+
+
+def test_backoff_is_jittered_within_bounds():
+    import random
+
+    hits = []
+
+    def handler(request):
+        hits.append(time.monotonic())
+        return httpx.Response(503, text="busy")
+
+    served = _fake(handler, retries=4, backoff=0.1)
+    served.rng = random.Random(0)  # draws well below the full backoff for this seed
+    with pytest.raises(OpdError, match=r"failed 5 times; last: HTTP 503: busy"):
+        served.score(_rows(1))
+    gaps = [b - a for a, b in zip(hits, hits[1:], strict=False)]
+    full = [0.1 * 2**i for i in range(4)]
+    assert all(f / 2 - 0.005 <= g < f + 0.15 for g, f in zip(gaps, full, strict=True)), gaps
+    assert min(g / f for g, f in zip(gaps, full, strict=True)) < 0.8, gaps  # not the plain backoff
+    served.close()

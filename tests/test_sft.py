@@ -133,3 +133,37 @@ def test_stop_at_is_checked_before_the_first_step(models, tmp_path, capsys):
     m = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(m) == 1 and m[0]["step"] == 0 and m[0]["eval/stopped"] is True
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_rows_completions_come_on_the_runs_device(models, tmp_path):
+    """SFT on data builds its batch from the rows; it must land on run.device like a sampled
+    batch (it stayed on the CPU and failed at step 1 on CUDA). The meta device stands in for a
+    GPU here: any tensor left behind on the CPU shows."""
+    import torch
+
+    from opd.build import make_token_source
+    from opd.config import build_config
+    from opd.data import load_prompts
+    from opd.distributed import DistContext
+    from opd.models import load_tokenizer
+
+    data = xyz_rows(tmp_path)
+    flags = {"model.student": str(models["student"]), "data.prompts": str(data)}
+    flags |= {"run.out": str(tmp_path / "o"), "objective.kind": "sft"}
+    cfg = build_config(None, flags, [])
+    tok = load_tokenizer(str(models["student"]), "model.student")
+    prompts, _ = load_prompts(str(data), tok, max_completion_tokens=8)
+    ctx = DistContext(device=torch.device("meta"))
+    sampler = make_token_source(cfg, ctx, tok, len(tok), None, None, from_data=True)
+    batch = sampler.sample(prompts[:4], 1, torch.Generator())
+    for name, value in vars(batch).items():
+        if torch.is_tensor(value):
+            assert value.device.type == "meta", name
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_sft_on_completions_runs_on_cuda(models, tmp_path, capsys):
+    data, out = xyz_rows(tmp_path), tmp_path / "sft"
+    with pytest.raises(SystemExit) as exc:
+        main(sft_on_data(models, data, out, 2, "run.device=cuda"))
+    assert exc.value.code == 0, capsys.readouterr().err

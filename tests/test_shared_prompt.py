@@ -5,10 +5,10 @@ import torch
 
 from opd import tiny
 from opd.data import Prompt
+from opd.fast.shared_prompt import score_shared_prompts, shared_prompt_supported
+from opd.logprobs import completion_logprobs
 from opd.samplers import make_sampler
-from opd.scoring import completion_logprobs
 from opd.teachers.local import LocalTeacher
-from opd.teachers.shared_prompt import score_shared_prompts, shared_prompt_supported
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_one_token_completions_and_the_local_teacher(tok):
 
 
 def test_local_teacher_packs_its_layers_once_and_scores_the_same(tok, monkeypatch):
-    from opd.packed import PackedLinears, call_module, packing_works
+    from opd.fast.packed import PackedLinears, call_module, packing_works
 
     if not packing_works():
         pytest.skip("this torch build lacks oneDNN linear")

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from opd.build import build_run as setup_run
 from opd.config import build_config
 from opd.distributed import DistContext
-from opd.loop import setup_run, train_step
-from opd.scoring import completion_logprobs
+from opd.logprobs import completion_logprobs
+from opd.train import train_step
 
 
 def make_parts(models, prompts_file, tmp_path, **overrides):

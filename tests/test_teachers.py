@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
+from opd.build import build_run as setup_run
 from opd.config import build_config
 from opd.distributed import DistContext
 from opd.errors import OpdError
-from opd.loop import distill, setup_run
 from opd.teachers import teacher_specs
+from opd.train import distill
 
 from .conftest import words, write_jsonl
 
@@ -46,7 +47,7 @@ def test_each_row_is_scored_by_its_prompts_teacher(models, tmp_path):
     batch = parts.sampler.sample(parts.prompts[:8], 2, torch.Generator().manual_seed(0))
     names = [p.row.get("teacher", "default") for p in parts.prompts[:8]]
     names_B = parts.teacher.names(batch, names)
-    assert names_B[:4] == ["default", "default", "xyz", "xyz"]
+    assert names_B[:4] == ("default", "default", "xyz", "xyz")
     routed = parts.teacher.score(batch, names_B)
     by_default = parts.teacher.teachers["default"].score(batch)
     by_xyz = parts.teacher.teachers["xyz"].score(batch)

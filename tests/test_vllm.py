@@ -12,9 +12,6 @@ only. A head size of 16 (hidden 64 with 4 heads, the conftest teacher) serves an
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -147,46 +144,6 @@ def test_prompt_logprobs_above_max_is_400(teacher):
     err = body["error"]
     assert err["code"] == 400 and err["param"] == "prompt_logprobs", body
     assert str(MAX_LOGPROBS) in err["message"], body
-
-
-def test_scoring_throughput(teacher, capsys):
-    """Measured, not asserted: 64 sequences x 41 tokens, one batched request vs 8 x 8 concurrent."""
-    tok, ref, url = teacher
-    g = torch.Generator().manual_seed(0)
-    n, length = 64, 41
-    body = torch.randint(4, len(tok), (n, length - 1), generator=g)
-    ids_N = [[tok.bos_token_id] + row for row in body.tolist()]
-    tokens = n * length
-
-    def batched():
-        score(url, ids_N, k=0)
-
-    def concurrent():
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: score(url, ids_N[i : i + 8], k=0), range(0, n, 8)))
-
-    @torch.no_grad()
-    def in_process():
-        ref(torch.tensor(ids_N)).logits.float().log_softmax(-1)
-
-    lines = []
-    for name, fn in [("one request of 64", batched), ("8 concurrent requests of 8", concurrent),
-                     ("in-process HF forward [64, 41]", in_process)]:  # fmt: skip
-        fn()  # warm-up
-        secs = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            secs.append(time.perf_counter() - t0)
-        med = statistics.median(secs)
-        lines.append(
-            f"vllm scoring {n}x{length}: {name}: median {med:.3f} s, {tokens / med:,.0f} tokens/s"
-        )
-    lines.append(
-        f"vllm server start-up (until /health answered): {serve_vllm.last_startup_s:.1f} s"
-    )
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
 
 
 # -- opd's served backend against the real server ------------------------------------------

@@ -3,8 +3,12 @@
 checkpoints/step_000040/
     trainable.safetensors   the weights being trained (all of them, or the LoRA adapters)
     optimizer.safetensors   AdamW moments and step counts, keyed "<param index>.<name>"
-    rng.safetensors         torch RNG states
-    state.json              step, data cursor, optimizer hyperparameters
+    state.json              step, whether the run stopped early, FLOPs ledgers, optimizer
+                            hyperparameters
+
+No RNG state and no data position are saved: nothing needs them. Sampling draws from a fresh
+generator per (seed, step, rank) and the prompts of a step are a function of (seed, step), so
+resuming at step s replays exactly what an unbroken run does from s.
 
 A checkpoint is written to a temporary folder and renamed into place, so a folder named
 step_NNNNNN is always complete; a run killed at any moment (kill -9 included) resumes from the
@@ -51,10 +55,6 @@ def save(ckpt_root: Path, step: int, model, optimizer, state: dict, keep: int) -
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     opt_tensors, groups = _optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(
         json.dumps({**state, "step": step, "param_groups": groups}, indent=1)
     )
@@ -92,12 +92,11 @@ def clean_partial(ckpt_root: Path) -> None:
 
 
 def load(path: Path, model, optimizer) -> dict:
-    """Restore weights, optimizer and RNG in place; returns state.json."""
+    """Restore weights and optimizer in place; returns state.json."""
     try:
         state = json.loads((path / "state.json").read_text())
         weights = load_file(str(path / "trainable.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
-        rng = load_file(str(path / "rng.safetensors"))
     except (OSError, ValueError) as e:
         raise OpdError(f"checkpoint {path} is unreadable: {e}") from None
     params = dict(model.named_parameters())
@@ -115,7 +114,4 @@ def load(path: Path, model, optimizer) -> dict:
         idx, name = key.split(".", 1)
         opt_state.setdefault(int(idx), {})[name] = tensor
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
     return state

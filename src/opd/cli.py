@@ -49,10 +49,14 @@ def _field(key: str) -> dataclasses.Field:
     return {f.name: f for f in dataclasses.fields(cls)}[name]
 
 
-def _distill_epilog() -> str:
+# subcommand -> the objective.kind it runs (which decides the keys it requires)
+KINDS = {"distill": "opd", "sft": "sft", "rl": "rl"}
+
+
+def _distill_epilog(kind: str) -> str:
     flagged = set(FLAGS.values())
     lines = ["other config keys (as section.field=value, or [section] tables in --config):"]
-    for line in config_mod.fields_help().splitlines()[1:]:
+    for line in config_mod.fields_help(kind).splitlines()[1:]:
         key = line.strip().split(" ", 1)[0]
         if key.startswith("[") or key not in flagged:
             lines.append(line)
@@ -76,12 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=text,
             description=text,
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=_distill_epilog(),
+            epilog=_distill_epilog(KINDS[name]),
         )
         d.add_argument("--config", metavar="FILE.toml", help="TOML file with [section] tables")
         for flag, key in FLAGS.items():
             f = _field(key)
-            default = "required" if f.default == "" else f"default {f.default!r}"
+            required = KINDS[name] in config_mod.REQUIRED_KEYS.get(key, ())
+            default = "required" if required else f"default {f.default!r}"
             if name == "sft" and key == "model.teacher":
                 default = "optional: without it, rows' 'completion' fields are the targets"
             if name == "rl" and key.startswith("model.teacher"):
@@ -201,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("distill", "sft", "rl"):
-        from opd.loop import distill
+        from opd.train import distill
 
         flags = {key: getattr(args, key) for key in FLAGS.values()}
         flags["objective.kind"] = {"sft": "sft", "rl": "rl"}.get(args.command)

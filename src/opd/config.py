@@ -396,22 +396,39 @@ def validate(cfg: Config) -> None:
     if not ev.prompts:
         _check(ev.every == 0, "eval.every", ev.every, "0 when eval.prompts is not set")
         _check(ev.stop_at == 0, "eval.stop_at", ev.stop_at, "0 when eval.prompts is not set")
-    required = [("model.student", m.student), ("data.prompts", d.prompts), ("run.out", r.out)]
-    if o.kind == "opd":
-        required.append(("model.teacher", m.teacher))
-    for key, value in required:
-        _check(bool(value), key, value, "set (it has no default)")
+    for key, kinds in REQUIRED_KEYS.items():
+        if o.kind in kinds:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            _check(bool(value), key, value, "set (it has no default)")
 
 
-def fields_help() -> str:
-    """Every config key with its type, default and help, for `--help`."""
+# The keys with no default, each with the objective kinds whose runs need it set; `validate`
+# rejects an empty value for those kinds, and the help texts mark them required from this.
+REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "model.student": ("opd", "sft", "rl"),
+    "data.prompts": ("opd", "sft", "rl"),
+    "run.out": ("opd", "sft", "rl"),
+    "model.teacher": ("opd",),  # sft without a teacher trains on the rows' 'completion' fields
+}
+
+
+def fields_help(kind: str | None = None) -> str:
+    """Every config key with its type, default and help, for `--help`.
+
+    A key in REQUIRED_KEYS shows as required (for `kind`'s runs only, when given); every other
+    key shows its default, '' included (an empty string is a value: the help says what it does).
+    """
     lines = [
         "config keys (set in --config FILE.toml as [section] tables, or as section.field=value):"
     ]
     for section, cls in _SECTION_TYPES.items():
         lines.append(f"  [{section}]")
         for f in dataclasses.fields(cls):
-            if f.default == "":
+            need = REQUIRED_KEYS.get(f"{section}.{f.name}", ())
+            if kind is None and need and set(need) != {"opd", "sft", "rl"}:
+                default = f"(required for objective.kind={' or '.join(need)})"
+            elif kind in need or (kind is None and need):
                 default = "(required)"
             else:  # TOML spelling: true/false, quoted strings
                 default = str(f.default).lower() if isinstance(f.default, bool) else repr(f.default)

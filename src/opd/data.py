@@ -121,14 +121,16 @@ def load_prompts(
     overlong: str = "error",
     context_note: str = "",
     max_completion_tokens: int | None = None,
+    rows: list[tuple[int, dict[str, Any]]] | None = None,
 ) -> tuple[list[Prompt], int]:
     """Read and encode every row; returns (prompts, number skipped as overlong).
 
     With max_completion_tokens set, every row must also have a "completion" string (SFT on
-    data); it is encoded without special tokens and EOS is appended.
+    data); it is encoded without special tokens and EOS is appended. rows: what
+    `read_jsonl(path)` returned, when the caller has read the file already.
     """
     prompts, skipped = [], 0
-    for lineno, row in read_jsonl(path):
+    for lineno, row in rows if rows is not None else read_jsonl(path):
         where = f"{path}:{lineno}"
         ids = encode_row(row, tokenizer, where)
         completion = None
@@ -177,20 +179,36 @@ def step_indices(
     return out
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens_BL, attention_BL): rows right-aligned to the longest, pad_id on the left.
+
+    The one place prompts are laid out: every sampler and `pack` use it, so the prompt columns of
+    a batch never depend on where it came from.
+    """
+    L = max(len(r) for r in rows)
+    tokens_BL = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    attention_BL = torch.zeros((len(rows), L), dtype=torch.long)
+    for b, row in enumerate(rows):
+        tokens_BL[b, L - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_BL[b, L - len(row) :] = 1
+    return tokens_BL.to(device), attention_BL.to(device)
+
+
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
     """Rows of (prompt, completion) in the Rollouts layout: left-padded prompts, then completions.
 
     Returns (tokens_BT, attention_mask_BT, completion_mask_BT, prompt_len).
     """
-    prompt_len = max(len(p) for p in prompts)
-    T = prompt_len + max(len(c) for c in completions)
-    B = len(prompts)
-    tokens_BT = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_BT = torch.zeros((B, T), dtype=torch.long)
-    completion_BT = torch.zeros((B, T), dtype=torch.bool)
-    for b, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        tokens_BT[b, prompt_len - len(p) : prompt_len] = torch.tensor(p, dtype=torch.long)
-        tokens_BT[b, prompt_len : prompt_len + len(c)] = torch.tensor(c, dtype=torch.long)
-        attention_BT[b, prompt_len - len(p) : prompt_len + len(c)] = 1
-        completion_BT[b, prompt_len : prompt_len + len(c)] = True
-    return tokens_BT, attention_BT, completion_BT, prompt_len
+    prompt_BL, attention_BL = left_pad(prompts, pad_id)
+    B, C = len(completions), max(len(c) for c in completions)
+    completion_BC = torch.zeros((B, C), dtype=torch.bool)
+    tokens_BC = torch.full((B, C), pad_id, dtype=torch.long)
+    for b, c in enumerate(completions):
+        tokens_BC[b, : len(c)] = torch.tensor(c, dtype=torch.long)
+        completion_BC[b, : len(c)] = True
+    return (
+        torch.cat([prompt_BL, tokens_BC], 1),
+        torch.cat([attention_BL, completion_BC.long()], 1),
+        torch.cat([torch.zeros_like(attention_BL, dtype=torch.bool), completion_BC], 1),
+        prompt_BL.shape[1],
+    )

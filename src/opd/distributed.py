@@ -9,6 +9,7 @@ torchrun is simply world size 1.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,13 @@ class DistContext:
         low, high = -self.max([-total])[0], self.max([total])[0]
         if low != high:
             raise RuntimeError(f"step {step}: ranks hold different weights ({low} != {high})")
+
+    def clock(self) -> float:
+        """perf_counter once this device's queued work is done (CUDA runs asynchronously, so a
+        phase's time/* would otherwise count only the launching of its kernels)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def barrier(self) -> None:
         if self.world_size > 1:

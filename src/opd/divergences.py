@@ -29,10 +29,10 @@ from collections.abc import Callable
 
 import torch
 
-from opd.heads import check_plain_head, final_hidden, logprobs_at
-from opd.models import inner_model
-from opd.prompt_sharing import shared_prompt_hidden
-from opd.types import LOGP_FLOOR, Rollouts, autocast_context
+from opd.fast.shared_prompt import shared_prompt_hidden
+from opd.logprobs import completion_hidden
+from opd.models import check_plain_head, inner_model
+from opd.types import LOGP_FLOOR, Rollouts
 
 KINDS = ("reverse_kl", "jsd", "topk_reverse_kl")
 # The teacher's tail is 1 - sum(top-k probs) of numbers rounded elsewhere (~1e-7 noise or worse):
@@ -159,57 +159,6 @@ def divergence(
     raise ValueError(f"unknown divergence {kind!r}; expected one of {KINDS}")
 
 
-def local_teacher_fn(teacher, rollouts: Rollouts, vocab_size: int) -> TeacherFn:
-    """A TeacherFn for an in-process teacher: its backbone runs once here under inference_mode,
-    its LM head per chunk, so no (B, T, V) teacher tensor exists either."""
-    return local_teacher_scores(teacher, rollouts, vocab_size)[0]
-
-
-def local_teacher_scores(
-    teacher,
-    rollouts: Rollouts,
-    vocab_size: int,
-    chunk_tokens: int = 512,
-    micro_batch_size: int = 0,
-    autocast: str = "none",
-) -> tuple[TeacherFn, torch.Tensor]:
-    """One backbone pass of an in-process teacher gives both its TeacherFn (logits per chunk,
-    for the loss) and its (B, T) log-probs of the sampled tokens (for the KL metric).
-
-    The backbone runs micro_batch_size rows at a time (0: all); the hidden states that predict
-    completion tokens, (B, T - prompt_len, H), are kept for the loss. The teacher should be in
-    eval mode (LocalTeacher puts it there).
-    """
-    model = inner_model(teacher)
-    check_plain_head(model)
-    head = model.get_output_embeddings()
-    device = head.weight.device
-    P = rollouts.prompt_len
-    tokens_BT = rollouts.tokens_BT.to(device)
-    mask_BT = rollouts.completion_mask_BT.to(device)
-    attention_BT = rollouts.attention_mask_BT.to(device)
-    step = micro_batch_size or rollouts.num_rows
-    parts = []
-    with torch.inference_mode(), autocast_context(device, autocast):
-        for start in range(0, rollouts.num_rows, step):
-            rows = slice(start, start + step)
-            hidden_BTH = final_hidden(model, tokens_BT[rows], attention_BT[rows])
-            parts.append(hidden_BTH[:, P - 1 : -1])  # the columns that predict completions
-        hidden_BCH = torch.cat(parts)
-        del parts, hidden_BTH
-        rows_N, cols_N = mask_BT.nonzero(as_tuple=True)
-        h_NH = hidden_BCH[rows_N, cols_N - P]
-        lp_BT = logprobs_at(head, h_NH, rows_N, cols_N, tokens_BT, vocab_size, chunk_tokens)
-    hidden_BCH, lp_BT = hidden_BCH.clone(), lp_BT.clone()  # plain tensors again
-
-    def logits(rows_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            h_NH = hidden_BCH[rows_N.to(device), cols_N.to(device) - P]
-            return head(h_NH)[:, :vocab_size].float()
-
-    return logits, lp_BT
-
-
 def gather_topk_fn(ids_BTK: torch.Tensor, lp_BTK: torch.Tensor) -> TeacherFn:
     """A TeacherFn for stored top-k: entry [b, c] is the teacher's top-k for the token at
     tokens_BT[b, c] (vLLM's prompt_logprobs alignment), padded with id -1 / log-prob -inf."""
@@ -236,6 +185,7 @@ def divergence_loss_chunked(
     n_tokens_total: int | float,
     chunk_tokens: int = 1024,
     beta: float = 0.5,
+    fast: bool = True,
 ) -> tuple[float, dict[str, float]]:
     """Back-propagates sum(divergence over completion tokens) / n_tokens_total; returns its value.
 
@@ -259,13 +209,10 @@ def divergence_loss_chunked(
         return 0.0, {"divergence_sum": 0.0, "divergence_max": 0.0, "tokens": 0}
 
     tokens_BT, attention_BT = rollouts.tokens_BT.to(device), rollouts.attention_mask_BT.to(device)
-    # each distinct prompt once, when rows share prompts (prompt_sharing.py); None: plain forward
-    shared = shared_prompt_hidden(model, tokens_BT, attention_BT, mask_BT, rollouts.prompt_len)
-    if shared is not None:
-        hidden_NH = shared[0]  # positions in the same (nonzero) order
-    else:
-        hidden_BTH = final_hidden(model, tokens_BT, attention_BT)
-        hidden_NH = hidden_BTH[rows_N, cols_N - 1]  # the logit that predicts column c is at c - 1
+    args = (model, tokens_BT, attention_BT, mask_BT)
+    # each distinct prompt once where rows share prompts (run.fast_paths); else the plain forward
+    hidden = shared_prompt_hidden(*args, rollouts.prompt_len) if fast else None
+    hidden_NH = (hidden or completion_hidden(*args))[0]  # positions in nonzero() order
     # The chunks back-propagate into this leaf; the backbone is traversed once, at the end.
     leaf_NH = hidden_NH.detach().requires_grad_()
     denom = max(float(n_tokens_total), 1.0)

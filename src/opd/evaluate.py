@@ -18,6 +18,7 @@ import torch
 from opd.data import load_prompts
 from opd.errors import OpdError
 from opd.models import load_model, load_tokenizer, output_vocab
+from opd.rewards import completion_texts, extracted, is_correct
 from opd.samplers import make_sampler
 
 
@@ -126,21 +127,15 @@ def run_eval(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         batch = sampler.sample(chunk, 1, generator)
-        for b, prompt in enumerate(chunk):
-            ids = batch.tokens_BT[b][batch.completion_mask_BT[b]].tolist()
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            row = {"where": prompt.where, "completion": text, "completion_tokens": len(ids)}
+        texts = completion_texts(batch, tokenizer)
+        lengths = batch.completion_mask_BT.sum(1).tolist()
+        for prompt, text, n in zip(chunk, texts, lengths, strict=True):
+            row = {"where": prompt.where, "completion": text, "completion_tokens": n}
             if "answer" in prompt.row:
-                try:
-                    predicted = str(extract(text)).strip()
-                except Exception as e:  # a user's extractor: report it, do not crash with a trace
-                    raise OpdError(
-                        f"{prompt.where}: extractor {extractor_name!r} failed on {text!r}: {e!r}"
-                    ) from None
+                predicted = extracted(text, extract, prompt.where, extractor_name)
+                answer = prompt.row["answer"]
                 row.update(
-                    extracted=predicted,
-                    answer=prompt.row["answer"],
-                    correct=predicted == str(prompt.row["answer"]).strip(),
+                    extracted=predicted, answer=answer, correct=is_correct(predicted, answer)
                 )
             results.append(row)
     scored = [r for r in results if "correct" in r]

@@ -35,8 +35,7 @@ not a measurement of what the hardware executed. Deliberately not modelled:
 - padding, finished rows that keep decoding in a batch, and recomputation (activation
   checkpointing) are not counted: only real tokens are;
 - a prompt shared by a group's rows is counted once per row, though the KV sampler prefills it
-  once, an in-process teacher scores it once (teachers/shared_prompt.py) and the trainer runs
-  it once (prompt_sharing.py);
+  once, and an in-process teacher and the trainer run it once (fast/shared_prompt.py);
 - the last sampled token of a row is never fed back into the model by a sampler, so sampling
   is over-counted by one token per row, kept so sampling == scoring for the same tokens;
 - a mixture-of-experts model counts every expert, though each token runs only its top-k
@@ -191,3 +190,32 @@ class Ledger:
         # a checkpoint written before the ledger existed has none: start from zero
         self.total_flops = {k: float(v) for k, v in state.get("total_flops", {}).items()}
         self.total_seconds = {k: float(v) for k, v in state.get("total_seconds", {}).items()}
+
+
+def step_phases(
+    batch,
+    student: ModelShape,
+    sampling: tuple[str, ModelShape] | None,
+    teachers: dict[str, ModelShape],
+    seconds: dict[str, float],
+) -> dict[str, tuple[int, float]]:
+    """{phase: (model FLOPs, seconds)} of one step's batch on this rank.
+
+    sampling: (phase name, shape of the model that sampled), None when nothing was sampled (rows
+    replayed from data); teachers: the in-process teachers' shapes by name (a served teacher's
+    size is not known here: it is not counted); seconds: "sample", "score", "train".
+    """
+    prompt_B = batch.attention_mask_BT[:, : batch.prompt_len].sum(1).cpu()
+    completion_B = batch.completion_mask_BT.sum(1).cpu()
+    seq_B = prompt_B + completion_B
+    phases = {"train": (train_flops(student, seq_B), seconds["train"])}
+    if sampling is not None:
+        name, shape = sampling
+        phases[name] = (sampling_flops(shape, prompt_B, completion_B), seconds["sample"])
+    if batch.teacher_B is not None:
+        flops = 0
+        for name, shape in teachers.items():
+            rows = torch.tensor([n == name for n in batch.teacher_B], dtype=torch.bool)
+            flops += forward_flops(shape, torch.zeros_like(seq_B[rows]), seq_B[rows])
+        phases["teacher_scoring"] = (flops, seconds["score"])
+    return phases

@@ -134,3 +134,26 @@ def add_lora(model, rank: int, alpha: float, target_modules: str):
 def inner_model(model):
     """The transformers model to call: peft injects LoRA layers into it in place."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def post_head_scaling(model) -> str | None:
+    """The config field that changes logits after the LM head, if any ('name=value')."""
+    cfg = model.config
+    for name in POST_HEAD:
+        value = getattr(cfg, name, None)
+        if value not in (None, 1, 1.0):
+            return f"{name}={value}"
+    return None
+
+
+def check_plain_head(model) -> None:
+    """Refuse models whose logits are not lm_head(final hidden state)."""
+    reason = post_head_scaling(model)
+    if reason:
+        raise OpdError(
+            f"{model.config.model_type}: {reason} is applied after the LM head; "
+            "divergence losses support plain linear heads only"
+        )

@@ -13,13 +13,16 @@ Checks, each reported as ok / FAIL / skipped with the numbers:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from opd.distributed import DistContext
 from opd.errors import OpdError
-from opd.loop import per_teacher_kl
 from opd.samplers import make_sampler
+from opd.stats import per_teacher_kl
 from opd.teachers import TeacherRouter
+from opd.teachers.local import LocalTeacher
 from opd.teachers.served import ServedTeacher, _Retryable
 
 SELF_KL_LIMIT = {"float32": 1e-3, "bfloat16": 5e-2}
@@ -30,8 +33,6 @@ def own_sample_gaps(
 ) -> torch.Tensor:
     """logp_sampler - logp_scorer of every token `model` samples (temperature 1) for `prompts`,
     `scorer` an in-process model: their mean is the reverse KL from `model` to `scorer`."""
-    from opd.teachers.local import LocalTeacher
-
     sampler = make_sampler(model, tokenizer, vocab_size, max_new_tokens)
     batch = sampler.sample(prompts, group, torch.Generator(device=model.device).manual_seed(0))
     scored = LocalTeacher(scorer, vocab_size).score(batch)
@@ -85,20 +86,19 @@ def start_kl(student_sampler, router: TeacherRouter, prompts, names: list[str]) 
     """Per teacher: reverse KL per token of the student's samples (what step 1 starts from)."""
     device = next(student_sampler.model.parameters()).device
     batch = student_sampler.sample(prompts, 2, torch.Generator(device=device).manual_seed(0))
-    names_B = router.names(batch, names)
-    batch.teacher_lp_BT = router.score(batch, names_B)
-    kl = per_teacher_kl(batch, names_B, sorted(router.teachers), DistContext())
+    batch = replace(batch, **router.fields(batch, router.names(batch, names), "sampled"))
+    kl = per_teacher_kl(batch, sorted(router.teachers), DistContext())
     return {key.removeprefix("teacher/kl/"): value for key, value in kl.items()}
 
 
-def run_preflight(parts, n_prompts: int = 4) -> list[tuple[str, str, str]]:
-    """(check, ok | FAIL | skipped, detail) rows for a set-up run; used before step 1."""
-    cfg = parts.cfg
-    prompts = parts.prompts[:n_prompts]
+def run_preflight(run, n_prompts: int = 4) -> list[tuple[str, str, str]]:
+    """(check, ok | FAIL | skipped, detail) rows for a set-up run (build.Run); before step 1."""
+    cfg = run.cfg
+    prompts = run.prompts[:n_prompts]
     names = [p.row.get("teacher", "default") for p in prompts]
     max_new = min(cfg.sampling.max_new_tokens, 32)
     rows = []
-    for name, teacher in parts.teacher.teachers.items():
+    for name, teacher in run.teacher.teachers.items():
         label = f"teacher self-KL [{name}]"
         if isinstance(teacher, ServedTeacher):
             value = self_kl_served(teacher, prompts, max_new)
@@ -107,18 +107,17 @@ def run_preflight(parts, n_prompts: int = 4) -> list[tuple[str, str, str]]:
                 continue
             limit = SELF_KL_LIMIT["bfloat16"]  # servers often run reduced precision
         else:
-            value = self_kl_local(
-                teacher.model, parts.tokenizer, parts.vocab_size, prompts, max_new
-            )
+            value = self_kl_local(teacher.model, run.tokenizer, run.vocab_size, prompts, max_new)
             limit = SELF_KL_LIMIT[cfg.model.teacher_dtype]
         status = "ok" if value <= limit else "FAIL"
         rows.append(
             (label, status, f"mean |logp_sampler - logp_teacher| = {value:.2e} (limit {limit:g})")
         )
     student_sampler = make_sampler(
-        parts.student, parts.tokenizer, parts.vocab_size, max_new, backend=cfg.sampling.backend
-    )
-    for name, kl in start_kl(student_sampler, parts.teacher, prompts, names).items():
+        run.student, run.tokenizer, run.vocab_size, max_new, backend=cfg.sampling.backend,
+        fast=cfg.run.fast_paths,
+    )  # fmt: skip
+    for name, kl in start_kl(student_sampler, run.teacher, prompts, names).items():
         rows.append(
             (f"start KL [{name}]", "ok", f"student -> teacher reverse KL {kl:.4f} per token")
         )
@@ -130,9 +129,9 @@ def format_report(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(f"  {name:<{width}}  {status:<7}  {detail}" for name, status, detail in rows)
 
 
-def check_before_run(parts) -> None:
+def check_before_run(run) -> None:
     """Preflight at the start of a run: print the report; stop on a failed check."""
-    rows = run_preflight(parts)
+    rows = run_preflight(run)
     print("preflight (run.preflight=false skips it):\n" + format_report(rows), flush=True)
     failed = [r for r in rows if r[1] == "FAIL"]
     if failed:
@@ -147,8 +146,9 @@ def check_command(student: str, teacher: str, prompts: str | None, overrides: li
     import tempfile
     from pathlib import Path
 
+    from opd.build import build_run
     from opd.config import build_config
-    from opd.loop import setup_run
+    from opd.distributed import setup
     from opd.models import load_tokenizer
     from opd.teachers import is_url
 
@@ -179,11 +179,13 @@ def check_command(student: str, teacher: str, prompts: str | None, overrides: li
         cfg = build_config(None, flags, overrides)
         if cfg.objective.kind != "opd":
             raise OpdError("opd check checks a distillation set-up: drop objective.kind")
-        parts = setup_run(cfg, DistContext())
+        ctx = setup(cfg.run.device, cfg.run.threads)  # run.device, as a run would use it
+        run = build_run(cfg, ctx)
         try:
-            rows += run_preflight(parts)
+            rows += run_preflight(run)
         finally:
-            parts.teacher.close()
+            run.score.close()
+            ctx.close()
     print("opd check:\n" + format_report(rows))
     return 1 if any(r[1] == "FAIL" for r in rows) else 0
 

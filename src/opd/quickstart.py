@@ -16,7 +16,7 @@ from pathlib import Path
 from opd import tiny
 from opd.config import build_config
 from opd.evaluate import evaluate
-from opd.loop import distill
+from opd.train import distill
 
 LETTERS = "abcdefghij"
 

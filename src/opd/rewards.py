@@ -33,25 +33,49 @@ import torch
 from opd.errors import OpdError
 
 
+def completion_texts(batch, tokenizer) -> list[str]:
+    """Each row's sampled completion decoded to text (special tokens, EOS included, dropped)."""
+    return [
+        tokenizer.decode(tokens_T[mask_T].tolist(), skip_special_tokens=True)
+        for tokens_T, mask_T in zip(batch.tokens_BT, batch.completion_mask_BT, strict=True)
+    ]
+
+
+def extracted(text: str, extract: Callable[[str], str], where: str, name: str = "") -> str:
+    """The answer `extract` finds in a completion, stripped; a failing user's extractor is a
+    one-line error naming the row and the text."""
+    try:
+        return str(extract(text)).strip()
+    except Exception as e:  # a user's extractor: name the row, not a bare trace
+        what = f"extractor {name!r}" if name else "the extractor"
+        raise OpdError(f"{where}: {what} failed on {text!r}: {e!r}") from None
+
+
+def is_correct(predicted: str, answer: object) -> bool:
+    """The one answer comparison (rewards and evaluation): a numeric answer in the data (42)
+    matches the text "42"."""
+    return predicted == str(answer).strip()
+
+
 def task_rewards(
     texts_B: Sequence[str], answers_B: Sequence[object], extract: Callable[[str], str]
 ) -> torch.Tensor:
-    """(B,) float32: 1.0 where str(extract(text)).strip() == str(answer).strip(), else 0.0.
-
-    Compared as in `opd.evaluate.run_eval`, so a numeric answer in the data (42) matches "42".
-    """
+    """(B,) float32: 1.0 where the extracted answer `is_correct`, else 0.0."""
     if len(texts_B) != len(answers_B):
         raise ValueError(f"{len(texts_B)} completions but {len(answers_B)} answers")
     rewards = []
     for b, (text, answer) in enumerate(zip(texts_B, answers_B, strict=True)):
         if answer is None:
             raise OpdError(f"row {b} has no answer: a verifiable reward needs one on every row")
-        try:
-            predicted = str(extract(text)).strip()
-        except Exception as e:  # a user's extractor: name the row, not a bare trace
-            raise OpdError(f"row {b}: the extractor failed on {text!r}: {e!r}") from None
-        rewards.append(1.0 if predicted == str(answer).strip() else 0.0)
+        rewards.append(1.0 if is_correct(extracted(text, extract, f"row {b}"), answer) else 0.0)
     return torch.tensor(rewards, dtype=torch.float32)
+
+
+def answer_rewards(batch, prompts, tokenizer, extract: Callable[[str], str]) -> torch.Tensor:
+    """(B,) on the batch's device: 1.0 where row b's completion answers its prompt's 'answer'."""
+    answers_B = [prompts[i].row.get("answer") for i in batch.prompt_index_B.tolist()]
+    rewards_B = task_rewards(completion_texts(batch, tokenizer), answers_B, extract)
+    return rewards_B.to(batch.tokens_BT.device)
 
 
 def group_centered(

@@ -108,7 +108,7 @@ def fit(
     Used to make teachers with a known behaviour; returns the last batch's mean loss.
     """
     from opd.data import pack
-    from opd.scoring import completion_logprobs
+    from opd.logprobs import completion_logprobs
 
     g = torch.Generator().manual_seed(seed)
     enc = [

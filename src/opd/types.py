@@ -16,7 +16,8 @@ the loss. Position ids are always derived from the attention mask (see `position
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -26,16 +27,32 @@ import torch
 LOGP_FLOOR = -100.0
 
 
-@dataclass
+# (rows_N, cols_N) -> the teacher's logits (N, V) for the tokens at tokens_BT[rows_N, cols_N],
+# i.e. its next-token distribution given tokens_BT[rows_N, :cols_N] (an in-process teacher's
+# output for the full-vocabulary losses; rows index the batch it is attached to)
+TeacherLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Rollouts:
+    """A step's batch. The sampler fills the first six fields; the score step adds the teacher's
+    and the rewards' fields, the advantages step `advantages_BT` (each a new Rollouts)."""
+
     tokens_BT: torch.Tensor  # long
     attention_mask_BT: torch.Tensor  # long, 1 = real token
     completion_mask_BT: torch.Tensor  # bool, True = sampled token (trained on)
     prompt_len: int  # completions start at this column
     sampler_lp_BT: torch.Tensor  # float32, log-prob of each sampled token under the sampler
     prompt_index_B: torch.Tensor  # long, which prompt of the step each row came from
-    teacher_lp_BT: torch.Tensor | None = None
-    advantages_BT: torch.Tensor | None = None
+    teacher_B: tuple[str, ...] | None = None  # the name of the teacher that scored each row
+    teacher_lp_BT: torch.Tensor | None = None  # float32, teacher log-prob of each sampled token
+    # the teacher's top-k at each completion position (+ the sampled token when outside them),
+    # padded with id -1 / log-prob -inf: objective.loss=topk
+    teacher_topk_ids_BTK: torch.Tensor | None = None
+    teacher_topk_lp_BTK: torch.Tensor | None = None
+    teacher_logits: TeacherLogits | None = None  # objective.loss=full|jsd
+    rewards_B: torch.Tensor | None = None  # float32, the task reward of each row
+    advantages_BT: torch.Tensor | None = None  # float32, per completion token
 
     @property
     def num_rows(self) -> int:
@@ -47,26 +64,31 @@ class Rollouts:
 
     def slice(self, start: int, stop: int) -> Rollouts:
         """Rows [start, stop) as a new batch (for micro-batching)."""
-        return self._rows(lambda t: t[start:stop])
+        return self.select(torch.arange(start, min(stop, self.num_rows)))
 
     def select(self, rows_B: torch.Tensor) -> Rollouts:
-        """The rows at these indices as a new batch (for routing rows to teachers)."""
-        return self._rows(lambda t: t[rows_B.to(t.device)])
+        """The rows at these indices as a new batch (micro-batches, routing rows to teachers)."""
+        rows_B = rows_B.cpu()
+        out = {
+            f.name: value[rows_B.to(value.device)]
+            for f in fields(self)
+            if torch.is_tensor(value := getattr(self, f.name))
+        }
+        if self.teacher_B is not None:
+            out["teacher_B"] = tuple(self.teacher_B[b] for b in rows_B.tolist())
+        if self.teacher_logits is not None:
+            logits = self.teacher_logits
+            out["teacher_logits"] = lambda rows_N, cols_N: logits(rows_B[rows_N.cpu()], cols_N)
+        return replace(self, **out)
 
-    def _rows(self, cut_rows) -> Rollouts:
-        def cut(t):
-            return None if t is None else cut_rows(t)
-
-        return replace(
-            self,
-            tokens_BT=cut(self.tokens_BT),
-            attention_mask_BT=cut(self.attention_mask_BT),
-            completion_mask_BT=cut(self.completion_mask_BT),
-            sampler_lp_BT=cut(self.sampler_lp_BT),
-            prompt_index_B=cut(self.prompt_index_B),
-            teacher_lp_BT=cut(self.teacher_lp_BT),
-            advantages_BT=cut(self.advantages_BT),
-        )
+    def to(self, device: torch.device) -> Rollouts:
+        """The batch with every tensor on `device` (a no-op for those already there)."""
+        moved = {
+            f.name: value.to(device)
+            for f in fields(self)
+            if torch.is_tensor(value := getattr(self, f.name))
+        }
+        return replace(self, **moved)
 
 
 def position_ids(attention_mask_BT: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Samplers turn prompts into rollouts and record the sampler's log-prob of every sampled token.
 
 A backend is any object with this `sample` method; `make_sampler` picks one: `KVCacheSampler`
-(kv.py, a preallocated KV cache for Llama/Qwen2/Qwen3/Mistral) where the model allows it, else
-`HFSampler` (hf.py, any causal LM). Other decoders (vLLM) are new classes here.
+(fast/decode.py, a preallocated KV cache for Llama/Qwen2/Qwen3/Mistral) where the model allows
+it and the fast paths are on, else `HFSampler` (hf.py, any causal LM). `DatasetSampler`
+(dataset.py) replays the rows' own completions. Other decoders (vLLM) are new classes here.
 """
 
 from __future__ import annotations
@@ -36,14 +37,21 @@ def make_sampler(
     top_p: float = 1.0,
     top_k: int = 0,
     backend: str = "auto",
+    fast: bool = True,
 ) -> Sampler:
-    """backend 'kv' (KVCacheSampler), 'hf' (HFSampler) or 'auto': kv where the model allows it."""
+    """backend 'kv' (KVCacheSampler), 'hf' (HFSampler) or 'auto': kv where the model allows it
+    and `fast` (run.fast_paths) is on."""
+    from opd.fast.decode import KVCacheSampler
+    from opd.fast.llama import kv_supported
     from opd.models import stop_token_ids
     from opd.samplers.hf import HFSampler
-    from opd.samplers.kv import KVCacheSampler, kv_supported
 
     if backend not in BACKENDS:
         raise OpdError(f"sampling.backend={backend!r}: must be 'auto', 'kv' or 'hf'")
+    if backend == "kv" and not fast:
+        raise OpdError("sampling.backend=kv is a fast path: it needs run.fast_paths=true")
+    if not fast:
+        backend = "hf"
     reason = kv_supported(model) if backend != "hf" else None
     if backend == "kv" and reason is not None:
         raise OpdError(f"sampling.backend=kv does not support this model: {reason}")

@@ -9,8 +9,9 @@ from opd.types import Rollouts
 
 
 class DatasetSampler:
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, device: torch.device | str = "cpu"):
         self.pad_id = pad_id
+        self.device = torch.device(device)
 
     def sample(
         self, prompts_P: list[Prompt], group_size: int, generator: torch.Generator
@@ -19,7 +20,7 @@ class DatasetSampler:
         tokens_BT, attention_BT, completion_BT, prompt_len = pack(
             [p.ids for p in prompts_P], [p.completion_ids for p in prompts_P], self.pad_id
         )
-        return Rollouts(
+        batch = Rollouts(
             tokens_BT=tokens_BT,
             attention_mask_BT=attention_BT,
             completion_mask_BT=completion_BT,
@@ -27,3 +28,4 @@ class DatasetSampler:
             sampler_lp_BT=torch.zeros(tokens_BT.shape),  # not sampled: no sampler log-probs
             prompt_index_B=torch.arange(len(prompts_P)),
         )
+        return batch.to(self.device)  # on the run's device, like every sampler's batch

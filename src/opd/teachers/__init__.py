@@ -1,8 +1,9 @@
 """Teachers score sampled tokens: log p_teacher(x_t | prompt, x_<t) for every completion token.
 
-A backend is any object with a `score` method (and `score_topk` for the top-k loss): the
-in-process `LocalTeacher` or the HTTP `ServedTeacher`. `TeacherRouter` holds one or more named
-teachers and sends each row to the teacher its prompt names (the row's "teacher" field).
+A backend is any object with a `score` method (and `score_topk` for the top-k loss; `logits`
+for the full-vocabulary losses, in-process only): the in-process `LocalTeacher` or the HTTP
+`ServedTeacher`. `TeacherRouter` holds one or more named teachers and sends each row to the
+teacher its prompt names (the row's "teacher" field).
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ def teacher_specs(teacher: str, teachers: str) -> dict[str, str]:
 
 
 def make_teacher(
-    model, vocab_size: int, micro_batch_size: int = 0, chunk: int = 512, autocast: str = "none"
+    model,
+    vocab_size: int,
+    micro_batch_size: int = 0,
+    chunk: int = 512,
+    autocast: str = "none",
+    fast: bool = True,
 ) -> Teacher:
     from opd.teachers.local import LocalTeacher
 
-    return LocalTeacher(model, vocab_size, micro_batch_size, chunk, autocast)
+    return LocalTeacher(model, vocab_size, micro_batch_size, chunk, autocast, fast)
 
 
 class TeacherRouter:
@@ -58,8 +64,29 @@ class TeacherRouter:
     def __init__(self, teachers: dict[str, Teacher]):
         self.teachers = teachers
 
-    def names(self, rollouts: Rollouts, prompt_names: list[str]) -> list[str]:
-        return [prompt_names[i] for i in rollouts.prompt_index_B.tolist()]
+    def names(self, rollouts: Rollouts, prompt_names: list[str]) -> tuple[str, ...]:
+        return tuple(prompt_names[i] for i in rollouts.prompt_index_B.tolist())
+
+    def fields(self, rollouts: Rollouts, names_B, output: str, k: int = 0) -> dict:
+        """The Rollouts fields this teacher output adds: 'sampled' (the sampled tokens'
+        log-probs), 'topk' (and the top-k) or 'logits' (and the logits, in-process only)."""
+        out = {"teacher_B": tuple(names_B)}
+        if output != "logits":
+            lp_BT, ids_BTK, lp_BTK = self.score_topk(
+                rollouts, names_B, k if output == "topk" else 0
+            )
+            out |= {"teacher_lp_BT": lp_BT}
+            if output == "topk":
+                out |= {"teacher_topk_ids_BTK": ids_BTK, "teacher_topk_lp_BTK": lp_BTK}
+            return out
+        B, device = rollouts.num_rows, rollouts.tokens_BT.device
+        lp_BT = torch.zeros(rollouts.tokens_BT.shape, device=device)
+        parts = []  # (rows of this teacher, its logits function over its own rows)
+        for name, rows in self.groups(names_B).items():
+            fn, lp_rows_BT = self.teachers[name].logits(rollouts.select(rows))
+            lp_BT[rows.to(device)] = lp_rows_BT.to(device)
+            parts.append((rows, fn))
+        return out | {"teacher_lp_BT": lp_BT, "teacher_logits": routed_logits(parts, B)}
 
     def groups(self, names_B: list[str]) -> dict[str, torch.Tensor]:
         """{teacher name: row indices}, in a fixed order."""
@@ -101,3 +128,28 @@ class TeacherRouter:
         for t in self.teachers.values():
             if hasattr(t, "close"):
                 t.close()
+
+
+def routed_logits(parts, num_rows: int):
+    """One TeacherLogits over the batch from each teacher's over its own rows: parts is
+    [(rows_R: the batch rows a teacher scored, its TeacherLogits over rows 0..R-1)]."""
+    routes = []  # (where_B: each batch row's index among the teacher's rows, -1 if not there)
+    for rows_R, fn in parts:
+        where_B = torch.full((num_rows,), -1, dtype=torch.long)
+        where_B[rows_R.cpu()] = torch.arange(len(rows_R))
+        routes.append((where_B, fn))
+
+    def logits(rows_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
+        out = None
+        for where_B, fn in routes:
+            mine_N = where_B[rows_N.cpu()]
+            sel_N = mine_N >= 0
+            if not sel_N.any():
+                continue
+            part = fn(mine_N[sel_N], cols_N[sel_N.to(cols_N.device)])
+            if out is None:
+                out = part.new_zeros(len(rows_N), part.shape[1])
+            out[sel_N.to(part.device)] = part
+        return out
+
+    return logits

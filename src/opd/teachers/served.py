@@ -13,15 +13,19 @@ Two wire formats:
   [logprob, token_id, text] with a null logprob first; `input_top_logprobs` has the top-k.
 
 Requests go out `concurrency` at a time, `batch_rows` rows each. A 5xx, a timeout, a dropped
-connection or a malformed response is retried with exponential backoff; after `retries` retries
-(or at once, for a 4xx that no retry can fix) the step fails with one line that says why.
+connection or a malformed response is retried with exponential backoff and jitter (or after the
+server's `Retry-After`, on a 429 or 503); after `retries` retries (or at once, for a 4xx that no
+retry can fix) the step fails with one line that says why, and the step's other requests stop.
 """
 
 from __future__ import annotations
 
+import email.utils
 import math
-import time
-from concurrent.futures import ThreadPoolExecutor
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import datetime, timezone
 
 import httpx
 import torch
@@ -59,6 +63,7 @@ class ServedTeacher:
         self.backoff = backoff
         self.concurrency = concurrency
         self.batch_rows = batch_rows
+        self.rng = random.Random()  # backoff jitter (replaceable, so tests can seed it)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(
             timeout=timeout,
@@ -91,7 +96,16 @@ class ServedTeacher:
             list(range(s, min(s + self.batch_rows, len(rows))))
             for s in range(0, len(rows), self.batch_rows)
         ]
-        results = list(self.pool.map(lambda idx: self._request([rows[i] for i in idx], k), chunks))
+        stop = threading.Event()  # set once a request fails for good: the others stop retrying
+        futures = [self.pool.submit(self._request, [rows[i] for i in c], k, stop) for c in chunks]
+        try:
+            for future in as_completed(futures):
+                future.result()  # the first failure raises here, without waiting for the rest
+            results = [f.result() for f in futures]
+        finally:
+            stop.set()
+            for future in futures:
+                future.cancel()  # those not started yet
         per_row = [r for part in results for r in part]
         B, T = rollouts.tokens_BT.shape
         lp_BT = torch.zeros(B, T)
@@ -135,7 +149,7 @@ class ServedTeacher:
             )
         return names[0]
 
-    def _request(self, rows: list[list[int]], k: int):
+    def _request(self, rows: list[list[int]], k: int, stop: threading.Event):
         if self.api == "sglang":
             root = self.url.removesuffix("/v1")
             payload = {
@@ -145,7 +159,7 @@ class ServedTeacher:
                 "logprob_start_len": 0,
                 "top_logprobs_num": k,
             }
-            return self._call("POST", f"{root}/generate", payload, "scoring", rows, k)
+            return self._call("POST", f"{root}/generate", payload, "scoring", rows, k, stop)
         payload = {
             "model": self.model,
             "prompt": rows,
@@ -153,13 +167,19 @@ class ServedTeacher:
             "temperature": 0.0,
             "prompt_logprobs": k,
         }
-        return self._call("POST", f"{self.url}/completions", payload, "scoring", rows, k)
+        return self._call("POST", f"{self.url}/completions", payload, "scoring", rows, k, stop)
 
-    def _call(self, method, url, payload, what, rows=None, k=0):
-        last = ""
+    def _call(self, method, url, payload, what, rows=None, k=0, stop=None):
+        stop = stop or threading.Event()
+        last, asked = "", None  # asked: the wait the server asked for (Retry-After), if any
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                # Equal jitter: requests that failed together do not all come back together.
+                full = self.backoff * 2 ** (attempt - 1)
+                stop.wait(asked if asked is not None else self.rng.uniform(full / 2, full))
+            if stop.is_set():  # a sibling request failed for good: the step is over
+                raise OpdError(f"teacher {self.url}: {what} stopped; another request failed")
+            asked = None
             try:
                 response = self.client.request(method, url, json=payload)
             except httpx.TimeoutException:
@@ -170,6 +190,7 @@ class ServedTeacher:
                 continue
             if response.status_code >= 500 or response.status_code in (408, 429):
                 last = f"HTTP {response.status_code}: {_detail(response)}"
+                asked = _retry_after(response, self.client.timeout.read or 60.0)
                 continue
             if response.status_code >= 400:
                 raise OpdError(_client_error(self.url, response, k))
@@ -257,6 +278,25 @@ def _detail(response: httpx.Response) -> str:
             err = err.get("message", err)
         return str(err).splitlines()[0][:300]
     return str(body)[:300]
+
+
+def _retry_after(response: httpx.Response, cap: float) -> float | None:
+    """Seconds a 429/503 asks us to wait (delay-seconds or an HTTP date), at most `cap` so that a
+    confused server cannot park the run; None when it does not say."""
+    value = response.headers.get("Retry-After", "").strip()
+    if response.status_code not in (429, 503) or not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    return min(max(seconds, 0.0), cap) if math.isfinite(seconds) else None
 
 
 def _client_error(url: str, response: httpx.Response, k: int) -> str:

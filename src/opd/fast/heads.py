@@ -1,7 +1,7 @@
 """The LM head chunk by chunk: token log-probs and token losses without a (B, T, V) tensor.
 
 With a realistic vocabulary the LM head and the softmax over it are most of a small model's
-step. The plain path (scoring.completion_logprobs) materialises (B, T, V) logits, a log-softmax
+step. The plain path (logprobs.completion_logprobs) materialises (B, T, V) logits, a log-softmax
 and, under autograd, several more tensors of that size for the backward. Here:
 
 - the backbone runs once and only the hidden states that predict completion tokens are kept,
@@ -29,11 +29,9 @@ from collections.abc import Callable
 
 import torch
 
-from opd.errors import OpdError
-from opd.models import inner_model
-from opd.types import position_ids
+from opd.logprobs import completion_hidden
+from opd.models import inner_model, post_head_scaling
 
-POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 _scratch = threading.local()  # per thread: the teacher server scores requests in a thread pool
 
 
@@ -41,8 +39,8 @@ def scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> t
     """A (rows, cols) buffer for one chunk of logits, reused from call to call on a CPU.
 
     A fresh allocation that large (512 x 32k floats is 64 MB) is mapped anew by the C
-    allocator every time, and its first write page-faults: ~40% of the LM head's matrix
-    multiply on this project's CPU (`python benchmarks/hot_paths.py`). CUDA's caching
+    allocator every time, and its first write page-faults: a large share of the LM head's
+    matrix multiply on a CPU (`python benchmarks/hot_paths.py` measures it). CUDA's caching
     allocator already reuses memory, so other devices get a fresh tensor. The buffer stays
     allocated (the peak was that size anyway); inference-mode and normal tensors are kept
     apart, since one cannot be written in place under the other mode.
@@ -71,26 +69,6 @@ def head_logits(h_nH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
     return z_nV.copy_(h_nH @ weight_VH.T)
 
 
-def post_head_scaling(model) -> str | None:
-    """The config field that changes logits after the LM head, if any ('name=value')."""
-    cfg = model.config
-    for name in POST_HEAD:
-        value = getattr(cfg, name, None)
-        if value not in (None, 1, 1.0):
-            return f"{name}={value}"
-    return None
-
-
-def check_plain_head(model) -> None:
-    """Refuse models whose logits are not lm_head(final hidden state)."""
-    reason = post_head_scaling(model)
-    if reason:
-        raise OpdError(
-            f"{model.config.model_type}: {reason} is applied after the LM head; "
-            "divergence losses support plain linear heads only"
-        )
-
-
 def plain_head(model) -> torch.nn.Linear | None:
     """The model's LM head when the chunked paths can use its weight directly, else None.
 
@@ -105,31 +83,6 @@ def plain_head(model) -> torch.nn.Linear | None:
         if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
             return None
     return head
-
-
-def final_hidden(model, tokens_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) final-normed hidden states of a transformers causal LM's backbone.
-
-    Same inputs as scoring.completion_logprobs (positions from the attention mask), so
-    model.get_output_embeddings()(hidden) equals the model's logits.
-    """
-    out = model.get_decoder()(
-        input_ids=tokens_BT,
-        attention_mask=attention_mask_BT,
-        position_ids=position_ids(attention_mask_BT),
-        use_cache=False,
-    )
-    return out.last_hidden_state
-
-
-def completion_hidden(model, tokens_BT, attention_mask_BT, completion_mask_BT):
-    """Hidden states (N, H) that predict the N completion tokens, their rows/cols and ids.
-
-    The last column is never fed: no token follows it.
-    """
-    rows_N, cols_N = completion_mask_BT.nonzero(as_tuple=True)
-    hidden_BTH = final_hidden(model, tokens_BT[:, :-1], attention_mask_BT[:, :-1])
-    return hidden_BTH[rows_N, cols_N - 1], rows_N, cols_N, tokens_BT[rows_N, cols_N]
 
 
 def token_logprobs_chunked(
@@ -202,7 +155,7 @@ class _FusedTokenLoss(torch.autograd.Function):
         N = tokens_N.shape[0]
         W_VH = weight_VH[:vocab_size]
         grad_h_NH = torch.empty_like(hidden_NH)
-        # summed over chunks in float32 (a bf16 sum over many chunks loses ~1% per 100 chunks)
+        # summed over chunks in float32 (a bf16 sum loses precision with every chunk added)
         grad_w_VH = None
         if ctx.needs_input_grad[1]:
             grad_w_VH = torch.zeros_like(weight_VH, dtype=torch.float32)
@@ -258,7 +211,7 @@ def fused_token_loss(
     completion_mask_BT.nonzero()) and returns their loss; the result is the sum over chunks.
     Returns (loss, lp_N as constants, (rows_N, cols_N)). The model must have a plain_head.
     hidden: what `completion_hidden` returns, when the caller has it another way
-    (`prompt_sharing.shared_prompt_hidden`).
+    (`shared_prompt.shared_prompt_hidden`).
     """
     model = inner_model(model)
     head = plain_head(model)

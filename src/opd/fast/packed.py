@@ -2,11 +2,11 @@
 
 PyTorch's default CPU matrix multiply re-lays the weight out on every call. oneDNN's linear
 with a weight packed ahead of time (the path torch.compile's CPU backend uses for frozen
-weights) runs the short, wide multiplies of this project 1.2-2x faster: a decode step's
-(64 x 256) x (256 x 32k) LM head, or a teacher's (2k x 256) x (256 x 704) MLP
-(`python benchmarks/hot_paths.py`). Packing copies the weight, so it pays where one packing
-serves many calls: a frozen teacher's layers (packed once, kept while the weight is unchanged)
-and the sampler's LM head (packed once per batch of decode steps).
+weights) runs the short, wide multiplies of this project faster: a decode step's LM head, or a
+teacher's MLP (`python benchmarks/hot_paths.py` measures by how much on this machine).
+Packing copies the weight, so it pays where one packing serves many calls: a frozen teacher's
+layers (packed once, kept while the weight is unchanged) and the sampler's LM head (packed once
+per batch of decode steps).
 
 The ops are torch's own (`torch.ops.mkldnn`), but not public API: `packing_works` tries them
 once on a small layer against `F.linear`, and everything falls back to the module's own forward

@@ -1,7 +1,9 @@
-"""Log-probabilities of sampled completion tokens: one function for teacher, trainer and checks.
+"""Log-probabilities of sampled completion tokens through the plain Hugging Face forward: the
+functions that teachers, the trainer and the checks use when no fast path applies.
 
 Getting this right is most of the correctness of distillation, so it lives in one place:
-- logits at position t-1 score token t (the off-by-one every peer has hit at least once);
+- logits at position t-1 score token t (the off-by-one every peer has hit at least once):
+  `completion_logits` and `completion_hidden` are the two places that shift;
 - position ids come from the attention mask, so left padding does not shift positions;
 - logits are cut to the tokenizer's vocabulary, so padded embedding rows take no mass;
 - only the completion columns reach the LM head (`logits_to_keep`), never the prompt's.
@@ -49,6 +51,32 @@ def completion_logprobs(
     logits_BCV = completion_logits(model, tokens_BT, attention_mask_BT, prompt_len)
     lp_BC = token_logprobs(logits_BCV, tokens_BT[:, prompt_len:], vocab_size)
     return torch.cat([lp_BC.new_zeros(tokens_BT.shape[0], prompt_len), lp_BC], dim=1)
+
+
+def final_hidden(model, tokens_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) final-normed hidden states of a transformers causal LM's backbone.
+
+    Same inputs as `completion_logprobs` (positions from the attention mask), so
+    model.get_output_embeddings()(hidden) equals the model's logits.
+    """
+    out = model.get_decoder()(
+        input_ids=tokens_BT,
+        attention_mask=attention_mask_BT,
+        position_ids=position_ids(attention_mask_BT),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def completion_hidden(model, tokens_BT, attention_mask_BT, completion_mask_BT):
+    """Hidden states (N, H) that predict the N completion tokens (the state at column c - 1
+    predicts the token at c), their rows/cols and ids, in completion_mask_BT.nonzero() order.
+
+    The last column is never fed: no token follows it.
+    """
+    rows_N, cols_N = completion_mask_BT.nonzero(as_tuple=True)
+    hidden_BTH = final_hidden(model, tokens_BT[:, :-1], attention_mask_BT[:, :-1])
+    return hidden_BTH[rows_N, cols_N - 1], rows_N, cols_N, tokens_BT[rows_N, cols_N]
 
 
 def completion_logits(model, tokens_BT, attention_mask_BT, prompt_len: int) -> torch.Tensor:

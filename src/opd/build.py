@@ -1,0 +1,291 @@
+"""Set-up: a config becomes the Run that the step reads (models, teachers, sampler, prompts).
+
+Every input is checked before anything heavy happens: the objective's settings and the prompt
+files before any model loads, the models and prompts against each other before the out folder
+is touched.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from opd.config import Config
+from opd.data import Prompt, load_prompts, read_jsonl
+from opd.distributed import DistContext
+from opd.errors import OpdError
+from opd.evaluate import get_extractor
+from opd.flops import Ledger, ModelShape, model_shape
+from opd.losses import Objective, objective_for, uses_rewards
+from opd.models import add_lora, check_compatible, load_model, load_tokenizer, output_vocab
+from opd.rewards import answer_rewards
+from opd.samplers import Sampler, make_sampler
+from opd.samplers.autocast import AutocastSampler
+from opd.samplers.dataset import DatasetSampler
+from opd.score import Scorer
+from opd.teachers import DEFAULT, TeacherRouter, is_url, make_teacher, teacher_specs
+from opd.teachers.served import ServedTeacher
+
+
+@dataclass
+class Run:
+    """What the step needs, built once by `build_run`."""
+
+    cfg: Config
+    ctx: DistContext
+    objective: Objective  # from the table in losses.py
+    student: torch.nn.Module
+    tokenizer: object
+    vocab_size: int  # every log-prob is over the first vocab_size ids
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    sampler: Sampler  # the student (on-policy), the teacher (SFT on its samples) or the rows
+    score: Scorer  # teacher log-probs and rewards onto the batch
+    prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    # model shapes for the FLOPs ledger: the student's, the sampler's (with its phase name;
+    # None when rows are replayed from data), and each in-process teacher's
+    student_shape: ModelShape
+    sampling_shape: tuple[str, ModelShape] | None
+    teacher_shapes: dict[str, ModelShape]
+    ledger: Ledger = field(default_factory=Ledger)
+    # evaluation's own: its FLOPs are not training compute, so not in flops/step or flops/total
+    eval_ledger: Ledger = field(default_factory=Ledger)
+
+    @property
+    def teacher(self) -> TeacherRouter | None:
+        return self.score.teacher
+
+
+def build_run(cfg: Config, ctx: DistContext) -> Run:
+    m, s, o = cfg.model, cfg.sampling, cfg.objective
+    objective = objective_for(o)  # a combination or setting the run would ignore fails here
+    on_policy = o.kind == "opd"
+    if cfg.data.batch_prompts % ctx.world_size:
+        raise OpdError(
+            f"data.batch_prompts={cfg.data.batch_prompts} must be divisible by the "
+            f"number of processes ({ctx.world_size})"
+        )
+    # the prompt files are read (and a mistyped path reported) before any model loads
+    rows = read_rows(cfg.data.prompts, "data.prompts")
+    eval_rows = read_rows(cfg.eval.prompts, "eval.prompts") if cfg.eval.prompts else []
+    if uses_rewards(o):
+        get_extractor(o.extractor)
+    if cfg.eval.prompts:
+        get_extractor(cfg.eval.extractor)  # fail now on a bad name, not at the first eval
+    if on_policy and (s.temperature != 1.0 or s.top_p < 1.0 or s.top_k > 0) and ctx.is_main:
+        print(
+            "opd: warning: sampling.temperature/top_p/top_k change the sampling distribution: "
+            "sampler log-probs are those of the adjusted, renormalised distribution, so the "
+            "importance ratio exp(logp_train - logp_sampler) starts away from 1 and the "
+            "update is off-policy by that much",
+            file=sys.stderr,
+        )
+    torch.manual_seed(cfg.run.seed)
+    tokenizer = load_tokenizer(m.student, "model.student")
+    student = load_model(m.student, m.dtype, ctx.device, "model.student")
+    teachers, vocab_size = load_teachers(cfg, tokenizer, student, ctx)
+    local = {name: t for name, t in teachers.items() if isinstance(t, torch.nn.Module)}
+    sft_teacher = local.get(DEFAULT) if o.kind == "sft" else None
+    if o.kind == "sft" and m.teacher and sft_teacher is None:
+        raise OpdError(
+            f"model.teacher={m.teacher!r}: objective.kind=sft samples from the teacher, "
+            "which needs a local model folder"
+        )
+    if objective.teacher == "logits" and len(local) < len(teachers):
+        raise OpdError(
+            f"objective.loss={o.loss!r} needs every teacher in-process (full "
+            "logits); served teachers support 'sampled' and 'topk'"
+        )
+    limits = [n for n in map(context_length, [student, *local.values()]) if n]
+    # a served teacher must also fit the whole row plus the one token vLLM insists on making
+    limits += [t.max_len - 1 for t in teachers.values() if getattr(t, "max_len", None)]
+    from_data = o.kind == "sft" and sft_teacher is None
+    prompts = read_prompts(
+        cfg.data.prompts, rows, tokenizer, limits, s.max_new_tokens, cfg.data.overlong,
+        "data.prompts", from_data, ctx,
+    )  # fmt: skip
+    eval_prompts = []
+    if cfg.eval.prompts:
+        eval_prompts = read_prompts(
+            cfg.eval.prompts, eval_rows, tokenizer, limits, eval_tokens(cfg), "error",
+            "eval.prompts", False, ctx,
+        )[: cfg.eval.limit or None]  # fmt: skip
+        if not any("answer" in p.row for p in eval_prompts):
+            raise OpdError(f"eval.prompts={cfg.eval.prompts!r}: no row has an 'answer' to score")
+    check_prompts(prompts, objective, teachers, o)
+    if m.lora_rank > 0:
+        student = add_lora(student, m.lora_rank, m.lora_alpha, m.lora_target_modules)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    sampler = make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, from_data)
+    router = None
+    if objective.teacher:
+        router = TeacherRouter(
+            {
+                name: make_teacher(
+                    t, vocab_size, cfg.run.micro_batch_size, o.chunk_tokens, cfg.run.autocast,
+                    cfg.run.fast_paths,
+                ) if isinstance(t, torch.nn.Module) else t
+                for name, t in teachers.items()
+            }
+        )  # fmt: skip
+    reward = None
+    if uses_rewards(o):
+        extract = get_extractor(o.extractor)
+        reward = functools.partial(answer_rewards, tokenizer=tokenizer, extract=extract)
+    student_shape = model_shape(student)
+    sampling_shape = None
+    if sft_teacher is not None:
+        sampling_shape = ("teacher_sampling", model_shape(sft_teacher))
+    elif not from_data:
+        sampling_shape = ("student_sampling", student_shape)
+    return Run(
+        cfg=cfg,
+        ctx=ctx,
+        objective=objective,
+        student=student,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        params=params,
+        optimizer=optimizer,
+        sampler=sampler,
+        score=Scorer(router, objective.teacher, o.topk, reward),
+        prompts=prompts,
+        eval_prompts=eval_prompts,
+        student_shape=student_shape,
+        sampling_shape=sampling_shape,
+        teacher_shapes={n: model_shape(t) for n, t in local.items()} if router else {},
+    )
+
+
+def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+        # one kernel over all parameters (CPU and CUDA) instead of a loop over tensors
+        fused=all(p.device.type in ("cpu", "cuda") for p in params),
+    )
+
+
+def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, from_data) -> Sampler:
+    """The student itself (on-policy, rl), the teacher (SFT on its samples) or the rows' own
+    completions (SFT on data); every batch comes on the run's device."""
+    s = cfg.sampling
+    if from_data:
+        if s.group_size != 1 and ctx.is_main:
+            print(
+                "opd: note: training on the rows' completions uses each row once per step "
+                "(sampling.group_size is ignored)",
+                file=sys.stderr,
+            )
+        return DatasetSampler(tokenizer.pad_token_id, ctx.device)
+    sampler = make_sampler(
+        sft_teacher if sft_teacher is not None else student,
+        tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k,
+        backend=s.backend, fast=cfg.run.fast_paths,
+    )  # fmt: skip
+    if cfg.run.autocast != "none":
+        sampler = AutocastSampler(sampler, ctx.device, cfg.run.autocast)
+    return sampler
+
+
+def load_teachers(cfg: Config, tokenizer, student, ctx: DistContext):
+    """{name: local model or ServedTeacher} and the vocabulary size every log-prob is cut to."""
+    m, r = cfg.model, cfg.remote
+    vocab_size = min(len(tokenizer), output_vocab(student))
+    api_key = m.teacher_api_key or os.environ.get("OPD_TEACHER_API_KEY", "")
+    teachers = {}
+    specs = teacher_specs(m.teacher, m.teachers)
+    if cfg.objective.kind != "opd":  # rl uses no teacher; sft samples from the default one
+        specs = {DEFAULT: m.teacher} if cfg.objective.kind == "sft" and m.teacher else {}
+    for name, spec in specs.items():
+        what = "model.teacher" if name == DEFAULT else f"model.teachers[{name}]"
+        if is_url(spec):
+            teachers[name] = ServedTeacher(
+                spec,
+                m.teacher_model if name == DEFAULT else "",
+                api_key,
+                r.api,
+                r.timeout,
+                r.retries,
+                r.backoff,
+                r.concurrency,
+                r.batch_rows,
+            )
+            continue
+        teacher_tok = load_tokenizer(spec, what)
+        model = load_model(spec, m.teacher_dtype, ctx.device, what)
+        vocab_size = min(vocab_size, check_compatible(tokenizer, teacher_tok, student, model))
+        teachers[name] = model
+    return teachers, vocab_size
+
+
+def check_prompts(prompts: list[Prompt], objective: Objective, teachers: dict, settings) -> None:
+    """Every row's teacher is configured; every row has an answer when rewards are used."""
+    for prompt in prompts:
+        name = prompt.row.get("teacher", DEFAULT)
+        if objective.teacher and name not in teachers:
+            known = ", ".join(sorted(teachers))
+            raise OpdError(
+                f"{prompt.where}: teacher {name!r} is not configured (teachers: {known}; "
+                "add it to model.teachers as name=FOLDER_OR_URL)"
+            )
+        if uses_rewards(settings) and "answer" not in prompt.row:
+            raise OpdError(
+                f"{prompt.where}: no 'answer' to reward (objective.kind={settings.kind!r}, "
+                f"objective.reward_coef={settings.reward_coef})"
+            )
+
+
+def context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def eval_tokens(cfg: Config) -> int:
+    return cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens
+
+
+def read_rows(path: str, key: str):
+    """The JSONL rows of a prompts file, read before any model loads (errors name the key)."""
+    if not Path(path).is_file():
+        raise OpdError(f"{key}: prompts file not found: {path}")
+    rows = read_jsonl(path)
+    for lineno, row in rows:
+        if "prompt" not in row and "messages" not in row:
+            raise OpdError(f"{path}:{lineno}: row has neither 'prompt' nor 'messages'")
+    return rows
+
+
+def read_prompts(
+    path, rows, tokenizer, limits, max_new_tokens, overlong, key, with_completions, ctx
+):
+    """Encode a prompts file's rows, checking each prompt against the context left for the
+    completion."""
+    max_prompt = min(limits) - max_new_tokens if limits else None
+    if max_prompt is not None and max_prompt < 1:
+        raise OpdError(
+            f"{key}: max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+            f"{min(limits)}-token context"
+        )
+    note = f" (context {min(limits)} - max_new_tokens {max_new_tokens})" if limits else ""
+    prompts, skipped = load_prompts(
+        path,
+        tokenizer,
+        max_prompt,
+        overlong,
+        note,
+        max_completion_tokens=max_new_tokens if with_completions else None,
+        rows=rows,
+    )
+    if skipped and ctx.is_main:
+        print(f"skipped {skipped} overlong prompts (data.overlong=skip); {len(prompts)} remain")
+    return prompts

@@ -1,0 +1,209 @@
+"""The run and its step, top to bottom.
+
+One step:   prompts -> sample -> score -> advantages -> loss -> optimizer step -> metrics
+            samplers/  score.py  losses.py (the objective's table entry)   torch
+
+`train_step` is that line. The objective (on-policy distillation with one of its losses, SFT
+or RL) was looked up once in the table of losses.py; the step never branches on it. `distill`
+is the run around the step: set-up (build.py), the out folder and resume (rundir.py), held-out
+evaluation, checkpoints and the final model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from opd import rundir
+from opd.build import Run, build_run, eval_tokens
+from opd.config import Config
+from opd.data import step_indices
+from opd.distributed import DistContext, setup
+from opd.errors import OpdError
+from opd.evaluate import get_extractor, run_eval
+from opd.flops import sampling_flops, step_phases
+from opd.losses import LossStats, Trainer
+from opd.metrics import MetricsLogger
+from opd.objectives import lr_at
+from opd.samplers import make_sampler
+from opd.stats import teacher_kl
+
+
+def sampling_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """A fresh generator per (seed, step, rank): sampling never depends on what ran before."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 7_919 + rank)
+
+
+def train_step(step: int, run: Run) -> dict:
+    cfg, ctx, objective = run.cfg, run.ctx, run.objective
+    t0 = ctx.clock()
+    idx = step_indices(step, len(run.prompts), cfg.data.batch_prompts, cfg.run.seed,
+                       cfg.data.shuffle, ctx.rank, ctx.world_size)  # fmt: skip
+    prompts = [run.prompts[i] for i in idx]
+    gen = sampling_generator(cfg.run.seed, step, ctx.rank, ctx.device)
+    G = cfg.sampling.group_size
+    batch = run.sampler.sample(prompts, G, gen).to(ctx.device)
+    t1 = ctx.clock()
+    batch = run.score(batch, prompts)  # teacher log-probs (or top-k, logits), rewards
+    batch = replace(batch, advantages_BT=objective.advantages(batch, cfg.objective, G))
+    t2 = ctx.clock()
+
+    # Normalise by the completion tokens of the whole step (every micro-batch, every rank).
+    n_tokens, n_rows = ctx.sum([batch.num_completion_tokens, batch.num_rows])
+    lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.run.steps, cfg.optim.schedule,
+               cfg.optim.min_lr_ratio)  # fmt: skip
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.zero_grad(set_to_none=True)
+    # Dropout stays off: the ratio needs the trainer to score the distribution the sampler drew from.
+    run.student.eval()
+    trainer = Trainer(run.student, run.vocab_size, cfg.objective, cfg.run.fast_paths)
+    stats = LossStats()
+    rows = cfg.run.micro_batch_size or batch.num_rows
+    for start in range(0, batch.num_rows, rows):
+        stats = stats.add(objective.backward(trainer, batch.slice(start, start + rows), n_tokens))
+    ctx.sum_gradients(run.params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip or math.inf).item()
+    if not math.isfinite(grad_norm):
+        raise OpdError(
+            f"step {step + 1}: gradient norm is {grad_norm}; the step was not applied "
+            "(try a lower optim.lr); the last checkpoint is intact"
+        )
+    run.optimizer.step()
+    t3 = ctx.clock()
+
+    (loss,), (ratio_max,) = ctx.sum([stats.loss]), ctx.max([stats.ratio_max])
+    metrics = {
+        "step": step + 1,
+        "loss": loss,
+        "optim/lr": lr,
+        "optim/grad_norm": grad_norm,
+        "tokens/completion": int(n_tokens),
+        "tokens/mean_completion_len": n_tokens / max(n_rows, 1),
+        "time/sample": t1 - t0,
+        "time/teacher": t2 - t1,
+        "time/train": t3 - t2,
+        "time/step": t3 - t0,
+        "throughput/tokens_per_s": n_tokens / max(t3 - t0, 1e-9),
+    }
+    if objective.importance_ratio:
+        (ratio_sum,) = ctx.sum([stats.ratio_sum])
+        metrics |= {"ratio/mean": ratio_sum / max(n_tokens, 1), "ratio/max": ratio_max}
+    if batch.rewards_B is not None:
+        total, count = ctx.sum([batch.rewards_B.sum().item(), batch.rewards_B.numel()])
+        metrics["reward/mean"] = total / max(count, 1)
+    if batch.teacher_lp_BT is not None:
+        metrics |= teacher_kl(batch, ctx, n_tokens, sorted(run.teacher.teachers))
+    seconds = {"sample": t1 - t0, "score": t2 - t1, "train": t3 - t2}
+    phases = step_phases(batch, run.student_shape, run.sampling_shape, run.teacher_shapes, seconds)
+    names = sorted(phases)
+    for name, flops in zip(names, ctx.sum([float(phases[n][0]) for n in names]), strict=True):
+        run.ledger.add(name, flops, phases[name][1])
+    return metrics | run.ledger.step_metrics()
+
+
+def distill(cfg: Config, force: bool = False) -> Path:
+    """Run (or resume) a distillation; returns the folder of the final model."""
+    ctx = setup(cfg.run.device, cfg.run.threads)
+    run = None
+    try:
+        out = Path(cfg.run.out)
+        run = build_run(cfg, ctx)  # every input is checked before anything is written
+        if run.teacher is not None and cfg.run.preflight:
+            preflight(run)
+        found = rundir.prepare(out, cfg, force, ctx)
+        start, stopped = rundir.resume(found, run)
+        final_dir = out / "final"
+        if (start >= cfg.run.steps or stopped) and final_dir.is_dir():
+            if ctx.is_main:
+                print(
+                    f"run in {out} is already complete ({start} steps); final model in {final_dir}"
+                )
+            return final_dir
+        logger = MetricsLogger(out / "metrics.jsonl", start, cfg.run.steps, enabled=ctx.is_main)
+        evaluating = bool(run.eval_prompts)
+        if evaluating and start == 0:
+            row = {"step": 0, **evaluation(run)} if ctx.is_main else {}
+            stopped = should_stop(row, cfg, ctx)
+            logger.log(row | ({"eval/stopped": True} if stopped else {}), progress=False)
+            if stopped:
+                rundir.save_checkpoint(out, 0, run, stopped)
+        for step in range(start, cfg.run.steps if not stopped else start):
+            metrics = train_step(step, run)
+            done = step + 1
+            every = cfg.eval.every and done % cfg.eval.every == 0
+            if evaluating and (done == cfg.run.steps or every):
+                metrics |= evaluation(run) if ctx.is_main else {}
+                stopped = should_stop(metrics, cfg, ctx)
+            logger.log(metrics | ({"eval/stopped": True} if stopped else {}))
+            if stopped or done % cfg.run.save_every == 0 or done == cfg.run.steps:
+                rundir.save_checkpoint(out, done, run, stopped)
+            if stopped:
+                if ctx.is_main:
+                    print(
+                        f"stopping at step {done}: eval/accuracy reached eval.stop_at={cfg.eval.stop_at}"
+                    )
+                break
+        logger.close()
+        if ctx.is_main:
+            rundir.save_final(run.student, run.tokenizer, final_dir)
+            print(f"final model written to {final_dir}")
+        ctx.barrier()
+        return final_dir
+    finally:
+        if run is not None:
+            run.score.close()
+        ctx.close()
+
+
+def preflight(run: Run) -> None:
+    """The teacher checks before step 1 (rank 0); every rank stops together on a failure (a
+    lone rank would wait at the next barrier)."""
+    from opd.preflight import check_before_run
+
+    problem = ""
+    if run.ctx.is_main:
+        try:
+            check_before_run(run)
+        except OpdError as e:
+            problem = str(e)
+    if run.ctx.max([float(bool(problem))])[0] > 0:
+        raise OpdError(problem or "preflight failed on rank 0")
+
+
+def should_stop(metrics: dict, cfg: Config, ctx: DistContext) -> bool:
+    """eval.stop_at reached? Rank 0 evaluates; every rank learns its verdict."""
+    if cfg.eval.stop_at <= 0:
+        return False
+    passed = ctx.is_main and metrics["eval/accuracy"] >= cfg.eval.stop_at
+    return ctx.max([float(passed)])[0] > 0
+
+
+def evaluation(run: Run) -> dict:
+    """Greedy held-out accuracy of the student as it is now (rank 0 only)."""
+    cfg = run.cfg
+    sampler = make_sampler(
+        run.student, run.tokenizer, run.vocab_size, eval_tokens(cfg), temperature=0.0,
+        backend=cfg.sampling.backend, fast=cfg.run.fast_paths,
+    )  # fmt: skip
+    t0 = run.ctx.clock()
+    gen = torch.Generator(device=run.ctx.device).manual_seed(0)
+    extract = get_extractor(cfg.eval.extractor)
+    summary, rows = run_eval(
+        sampler, run.tokenizer, run.eval_prompts, extract, 64, gen, cfg.eval.extractor
+    )
+    seconds = run.ctx.clock() - t0
+    eval_flops = sampling_flops(
+        run.student_shape,
+        [len(x.ids) for x in run.eval_prompts],
+        [r["completion_tokens"] for r in rows],
+    )
+    run.eval_ledger.add("eval", float(eval_flops), seconds)
+    return run.eval_ledger.step_metrics(totals=False) | {  # flops/eval, _total, _per_s
+        "eval/accuracy": summary["accuracy"],
+        "eval/mean_completion_tokens": summary["mean_completion_tokens"],
+        "time/eval": seconds,
+    }

@@ -1,0 +1,76 @@
+"""Settings are checked before anything heavy: a value the chosen objective would ignore, a
+mistyped prompts path, and `opd check`'s device all fail (or apply) before a model loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from opd.cli import main
+from opd.config import ObjectiveConfig
+from opd.errors import OpdError
+from opd.losses import OBJECTIVES, check_settings, objective_for
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"loss": "topk", "kl_coef": 2.0}, "objective.kl_coef=2.0 has no effect"),
+        ({"loss": "full", "discount": 0.5}, "objective.discount=0.5 has no effect"),
+        ({"loss": "jsd", "clip_ratio": 0.2}, "objective.clip_ratio=0.2 has no effect"),
+        ({"loss": "sampled", "topk": 5}, "objective.topk=5 has no effect"),
+        ({"loss": "full", "jsd_beta": 0.1}, "objective.jsd_beta=0.1 has no effect"),
+        ({"loss": "sampled", "reward_std": True}, "objective.reward_std=True has no effect"),
+        ({"loss": "sampled", "extractor": "boxed"}, "objective.extractor='boxed' has no effect"),
+        ({"kind": "sft", "kl_coef": 0.5}, "objective.kl_coef=0.5 has no effect"),
+        ({"kind": "rl", "discount": 0.9}, "objective.discount=0.9 has no effect"),
+        ({"kind": "rl", "loss": "full"}, "objective.loss='full' applies to objective.kind='opd'"),
+        ({"loss": "topk", "reward_coef": 1.0}, "objective.reward_coef=1.0 has no effect"),
+    ],
+)
+def test_settings_the_objective_does_not_read_are_refused(settings, message):
+    with pytest.raises(OpdError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_settings(ObjectiveConfig(**settings))
+
+
+def test_settings_the_objective_reads_are_accepted():
+    for settings in (
+        {"loss": "sampled", "kl_coef": 2.0, "discount": 0.5, "clip_ratio": 0.2},
+        {"loss": "sampled", "reward_coef": 1.0, "reward_std": True, "extractor": "boxed"},
+        {"loss": "topk", "topk": 5, "chunk_tokens": 64},
+        {"loss": "jsd", "jsd_beta": 0.1},
+        {"kind": "rl", "reward_std": True, "extractor": "boxed", "clip_ratio": 0.2},
+        {"kind": "sft", "chunk_tokens": 64},
+    ):
+        cfg = ObjectiveConfig(**settings)
+        assert objective_for(cfg) is OBJECTIVES[(cfg.kind, cfg.loss)]
+
+
+def test_refused_settings_and_a_missing_prompts_file_fail_before_any_model_loads(tmp_path, capsys):
+    """The model folders do not exist: an error about them would mean they were loaded first."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "ab="}\n')
+    base = ["distill", "--student", str(tmp_path / "no-student"), "--teacher"]
+    base += [str(tmp_path / "no-teacher"), "--out", str(tmp_path / "o")]
+    for extra, needle in (
+        (["--prompts", str(tmp_path / "typo.jsonl")], "data.prompts: prompts file not found"),
+        (["--prompts", str(prompts), "--loss", "topk", "--kl-coef", "2"], "objective.kl_coef"),
+        (
+            ["--prompts", str(prompts), f"eval.prompts={tmp_path / 'no.jsonl'}"],
+            "eval.prompts: prompts file not found",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_opd_check_uses_run_device(models, prompts_file, capsys):
+    """`opd check` sets up the run on run.device (it used to ignore it and use the CPU)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["check", "--student", str(models["student"]), "--teacher", str(models["teacher"]),
+              "--prompts", str(prompts_file), "run.device=cuda"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "run.device='cuda' but torch sees no CUDA device" in err, err
