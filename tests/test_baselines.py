@@ -80,7 +80,10 @@ def test_reward_plus_kl_and_its_errors(models, prompts_file, tmp_path):
     )
     metrics = train_step(0, p)
     assert {"reward/mean", "teacher/kl"} <= metrics.keys()
-    with pytest.raises(OpdError, match="objective.reward_coef=1.0 has no effect with objective.kind=.opd., objective.loss=.full."):
+    with pytest.raises(
+        OpdError,
+        match="objective.reward_coef=1.0 has no effect with objective.kind=.opd., objective.loss=.full.",
+    ):
         parts_for(
             models,
             prompts_file,

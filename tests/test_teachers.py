@@ -56,6 +56,34 @@ def test_each_row_is_scored_by_its_prompts_teacher(models, tmp_path):
     assert not torch.allclose(by_default, by_xyz)  # the two teachers really differ
 
 
+def test_full_vocabulary_logits_come_from_each_rows_teacher(models, tmp_path):
+    """loss=full with two in-process teachers: the batch's teacher logits at any completion
+    position are its row's teacher's, also through a micro-batch's slice of the batch."""
+    from opd.logprobs import completion_logits
+
+    prompts = mixed_prompts(tmp_path / "p.jsonl", [None, "xyz"])
+    cfg = build_config(
+        None, flags(models, prompts, tmp_path / "r", **{"objective.loss": "full"}), []
+    )
+    run = setup_run(cfg, DistContext())
+    batch = run.sampler.sample(run.prompts[:8], 2, torch.Generator().manual_seed(0))
+    scored = run.score(batch, run.prompts[:8])
+    assert batch.teacher_logits is None  # the sampled batch is left as it was
+    rows_N, cols_N = scored.completion_mask_BT.nonzero(as_tuple=True)
+    got_NV = scored.teacher_logits(rows_N, cols_N)
+    args = (batch.tokens_BT, batch.attention_mask_BT, batch.prompt_len)
+    for name in ("default", "xyz"):
+        mine_N = torch.tensor([scored.teacher_B[r] == name for r in rows_N.tolist()])
+        assert mine_N.any()
+        with torch.no_grad():
+            ref_BCV = completion_logits(run.teacher.teachers[name].model, *args)
+        want = ref_BCV[rows_N[mine_N], cols_N[mine_N] - batch.prompt_len, : run.vocab_size]
+        torch.testing.assert_close(got_NV[mine_N], want, atol=1e-5, rtol=1e-5)
+    mb = scored.slice(5, 12)  # a micro-batch: its rows count from 0
+    r_n, c_n = mb.completion_mask_BT.nonzero(as_tuple=True)
+    torch.testing.assert_close(mb.teacher_logits(r_n, c_n), got_NV[(rows_N >= 5) & (rows_N < 12)])
+
+
 def test_run_logs_kl_per_teacher(models, tmp_path):
     prompts = mixed_prompts(tmp_path / "p.jsonl", [None, "xyz"])
     out = tmp_path / "run"

@@ -28,7 +28,8 @@ from opd.samplers import Sampler, make_sampler
 from opd.samplers.autocast import AutocastSampler
 from opd.samplers.dataset import DatasetSampler
 from opd.score import Scorer
-from opd.teachers import DEFAULT, TeacherRouter, is_url, make_teacher, teacher_specs
+from opd.teachers import DEFAULT, TeacherRouter, is_url, teacher_specs
+from opd.teachers.local import LocalTeacher
 from opd.teachers.served import ServedTeacher
 
 
@@ -65,7 +66,6 @@ class Run:
 def build_run(cfg: Config, ctx: DistContext) -> Run:
     m, s, o = cfg.model, cfg.sampling, cfg.objective
     objective = objective_for(o)  # a combination or setting the run would ignore fails here
-    on_policy = o.kind == "opd"
     if cfg.data.batch_prompts % ctx.world_size:
         raise OpdError(
             f"data.batch_prompts={cfg.data.batch_prompts} must be divisible by the "
@@ -78,6 +78,7 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
         get_extractor(o.extractor)
     if cfg.eval.prompts:
         get_extractor(cfg.eval.extractor)  # fail now on a bad name, not at the first eval
+    on_policy = objective.samples == "student"
     if on_policy and (s.temperature != 1.0 or s.top_p < 1.0 or s.top_k > 0) and ctx.is_main:
         print(
             "opd: warning: sampling.temperature/top_p/top_k change the sampling distribution: "
@@ -89,10 +90,10 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     torch.manual_seed(cfg.run.seed)
     tokenizer = load_tokenizer(m.student, "model.student")
     student = load_model(m.student, m.dtype, ctx.device, "model.student")
-    teachers, vocab_size = load_teachers(cfg, tokenizer, student, ctx)
+    teachers, vocab_size = load_teachers(cfg, objective, tokenizer, student, ctx)
     local = {name: t for name, t in teachers.items() if isinstance(t, torch.nn.Module)}
-    sft_teacher = local.get(DEFAULT) if o.kind == "sft" else None
-    if o.kind == "sft" and m.teacher and sft_teacher is None:
+    sft_teacher = None if on_policy else local.get(DEFAULT)  # SFT on the teacher's samples
+    if not on_policy and m.teacher and sft_teacher is None:
         raise OpdError(
             f"model.teacher={m.teacher!r}: objective.kind=sft samples from the teacher, "
             "which needs a local model folder"
@@ -105,7 +106,7 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     limits = [n for n in map(context_length, [student, *local.values()]) if n]
     # a served teacher must also fit the whole row plus the one token vLLM insists on making
     limits += [t.max_len - 1 for t in teachers.values() if getattr(t, "max_len", None)]
-    from_data = o.kind == "sft" and sft_teacher is None
+    from_data = not on_policy and sft_teacher is None
     prompts = read_prompts(
         cfg.data.prompts, rows, tokenizer, limits, s.max_new_tokens, cfg.data.overlong,
         "data.prompts", from_data, ctx,
@@ -126,12 +127,12 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     sampler = make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, from_data)
     router = None
     if objective.teacher:
+        r = cfg.run
         router = TeacherRouter(
             {
-                name: make_teacher(
-                    t, vocab_size, cfg.run.micro_batch_size, o.chunk_tokens, cfg.run.autocast,
-                    cfg.run.fast_paths,
-                ) if isinstance(t, torch.nn.Module) else t
+                name: LocalTeacher(
+                    t, vocab_size, r.micro_batch_size, o.chunk_tokens, r.autocast, r.fast_paths
+                ) if name in local else t
                 for name, t in teachers.items()
             }
         )  # fmt: skip
@@ -198,15 +199,17 @@ def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, fro
     return sampler
 
 
-def load_teachers(cfg: Config, tokenizer, student, ctx: DistContext):
-    """{name: local model or ServedTeacher} and the vocabulary size every log-prob is cut to."""
+def load_teachers(cfg: Config, objective: Objective, tokenizer, student, ctx: DistContext):
+    """{name: local model or ServedTeacher} and the vocabulary size every log-prob is cut to:
+    every teacher when the objective scores with one, the default one when it samples from it
+    (SFT), none otherwise (RL)."""
     m, r = cfg.model, cfg.remote
     vocab_size = min(len(tokenizer), output_vocab(student))
     api_key = m.teacher_api_key or os.environ.get("OPD_TEACHER_API_KEY", "")
     teachers = {}
     specs = teacher_specs(m.teacher, m.teachers)
-    if cfg.objective.kind != "opd":  # rl uses no teacher; sft samples from the default one
-        specs = {DEFAULT: m.teacher} if cfg.objective.kind == "sft" and m.teacher else {}
+    if not objective.teacher:
+        specs = {DEFAULT: m.teacher} if objective.samples == "teacher" and m.teacher else {}
     for name, spec in specs.items():
         what = "model.teacher" if name == DEFAULT else f"model.teachers[{name}]"
         if is_url(spec):

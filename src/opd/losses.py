@@ -1,14 +1,14 @@
 """The table of objectives: what each (objective.kind, objective.loss) needs scored, its
 advantages and its loss. The run looks an objective up here once and never branches on it.
 
-| kind, loss    | teacher gives        | advantages                        | loss                        |
-|---------------|----------------------|-----------------------------------|-----------------------------|
-| opd, sampled  | sampled log-probs    | -kl_coef * k_t (+ reward_coef * r) | importance-sampled PG       |
-| opd, topk     | + top-k log-probs    | none                              | top-k reverse KL + tail     |
-| opd, full     | logits               | none                              | full-vocabulary reverse KL  |
-| opd, jsd      | logits               | none                              | generalized JSD             |
-| sft           | nothing              | none                              | NLL of the completions      |
-| rl            | nothing (rewards)    | group-centred reward              | importance-sampled PG       |
+| kind, loss    | samples   | teacher gives     | advantages                         | loss                       |
+|---------------|-----------|-------------------|------------------------------------|----------------------------|
+| opd, sampled  | student's | sampled log-probs | -kl_coef * k_t (+ reward_coef * r) | importance-sampled PG      |
+| opd, topk     | student's | + top-k log-probs | none                               | top-k reverse KL + tail    |
+| opd, full     | student's | logits            | none                               | full-vocabulary reverse KL |
+| opd, jsd      | student's | logits            | none                               | generalized JSD            |
+| sft           | teacher's | nothing           | none                               | NLL of the completions     |
+| rl            | student's | nothing (rewards) | group-centred reward               | importance-sampled PG      |
 
 Each loss back-propagates one micro-batch, normalised by the step's completion tokens over
 every micro-batch and rank (`n_tokens`), so the gradients add up to the step mean however the
@@ -75,6 +75,9 @@ class Objective:
     backward: Backward
     reads: frozenset[str]  # the objective.* settings this objective acts on
     importance_ratio: bool = False  # whether the loss weighs tokens by exp(lp_train - lp_sampler)
+    # whose tokens it trains on: the student's own samples, or the teacher's samples (the
+    # rows' own completions when there is no teacher)
+    samples: str = "student"
 
 
 # -- advantages ------------------------------------------------------------------------------
@@ -191,7 +194,9 @@ OBJECTIVES: dict[tuple[str, str], Objective] = {
     ),
     ("opd", "full"): Objective("logits", no_advantages, divergence("reverse_kl"), ALWAYS),
     ("opd", "jsd"): Objective("logits", no_advantages, divergence("jsd"), ALWAYS | {"jsd_beta"}),
-    ("sft", "sampled"): Objective("", no_advantages, negative_log_likelihood, ALWAYS),
+    ("sft", "sampled"): Objective(
+        "", no_advantages, negative_log_likelihood, ALWAYS, samples="teacher"
+    ),
     ("rl", "sampled"): Objective(
         "",
         reward_advantages,

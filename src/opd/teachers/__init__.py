@@ -45,19 +45,6 @@ def teacher_specs(teacher: str, teachers: str) -> dict[str, str]:
     return specs
 
 
-def make_teacher(
-    model,
-    vocab_size: int,
-    micro_batch_size: int = 0,
-    chunk: int = 512,
-    autocast: str = "none",
-    fast: bool = True,
-) -> Teacher:
-    from opd.teachers.local import LocalTeacher
-
-    return LocalTeacher(model, vocab_size, micro_batch_size, chunk, autocast, fast)
-
-
 class TeacherRouter:
     """Named teachers; each row goes to the teacher of its prompt (default: "default")."""
 
