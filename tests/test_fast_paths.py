@@ -38,13 +38,16 @@ def run(models, prompts_file, out, fast: bool, **extra):
 
 
 @pytest.mark.parametrize("loss", ["sampled", "full"])
-def test_fast_and_plain_paths_take_the_same_steps(models, prompts_file, tmp_path, loss):
+def test_fast_and_plain_paths_take_the_same_steps(models, prompts_file, tmp_path, loss, capsys):
     fast_rows, fast_w = run(
         models, prompts_file, tmp_path / "fast", True, **{"objective.loss": loss}
     )
     plain_rows, plain_w = run(
         models, prompts_file, tmp_path / "plain", False, **{"objective.loss": loss}
     )
+    err = capsys.readouterr().err  # each run says which sampler it chose, and why
+    assert "opd: sampler: kv (opd's KV-cache decode loop)" in err
+    assert "opd: sampler: hf (the model's own forward: run.fast_paths=false)" in err
     for a, b in zip(fast_rows, plain_rows, strict=True):
         assert a["tokens/completion"] == b["tokens/completion"]  # the same samples were drawn
         for key in ("loss", "teacher/kl", "optim/grad_norm"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import re
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ from opd.teachers.local import LocalTeacher
 from opd.teachers.served import ServedTeacher
 
 from .conftest import assert_same_topk
-from .test_cli import distill_args, run_cli
+from .test_cli import assert_one_line_error, call, distill_args, run_cli
 
 
 def free_port() -> int:
@@ -176,6 +177,106 @@ def test_run_through_served_teacher_matches_in_process(models, prompts_file, ser
     assert served["loss"] == pytest.approx(local["loss"], abs=1e-5)
 
 
+# -- the teacher's tokenizer, checked against the student's before step 1 -------------------
+
+
+def swapped_tokenizer(tok, a: str, b: str, folder):
+    """`tok` with the ids of tokens a and b swapped: the same size, other ids."""
+    tok.save_pretrained(folder)
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(data))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_serve_teacher_tokenizes_and_detokenizes_as_vllm_does(server, teacher):
+    tok = teacher[1]
+    root = server.removesuffix("/v1")
+    ids = tok("ab=")["input_ids"]
+    with httpx.Client() as client:
+        r = client.post(f"{root}/tokenize", json={"model": "teacher", "prompt": "ab="})
+        assert r.json()["tokens"] == ids and r.json()["count"] == len(ids)
+        r = client.post(f"{root}/tokenize", json={"prompt": "ab=", "add_special_tokens": False})
+        assert r.json()["tokens"] == ids[1:]
+        assert client.post(f"{root}/detokenize", json={"tokens": ids}).json() == {
+            "prompt": tok.decode(ids)
+        }
+        assert client.get(f"{root}/tokenizer_info").json()["opd_len"] == len(tok)
+        for path, body, code in [
+            ("/tokenize", {"model": "other", "prompt": "a"}, 404),
+            ("/tokenize", {"prompt": [1, 2]}, 400),
+            ("/detokenize", {"tokens": ["a"]}, 400),
+            ("/detokenize", {"tokens": [len(tok)]}, 400),
+        ]:
+            assert client.post(root + path, json=body).status_code == code, (path, body)
+
+
+def test_opd_check_reports_the_served_tokenizer(
+    models, prompts_file, server, teacher, tmp_path, capsys
+):
+    from opd.cli import main
+
+    def check(url):
+        with pytest.raises(SystemExit) as e:
+            main(["check", "--student", str(models["student"]), "--teacher", url,
+                  "--prompts", str(prompts_file)])  # fmt: skip
+        return e.value.code, capsys.readouterr().out
+
+    code, out = check(server)
+    assert code == 0, out
+    assert re.search(r"tokenizers \[default\] +ok +\d+ ids decode alike and \d+ texts encode", out)
+    assert "same tokenizer (sha256 " in out
+    (self_kl,) = [line for line in out.splitlines() if "teacher self-KL [default]" in line]
+    assert "skipped" in self_kl and "does not sample (HTTP 400: this server only scores" in self_kl
+    assert "so not checked: that the server scores its own samples at KL ~ 0" in self_kl
+    model, tok = teacher
+    other = swapped_tokenizer(tok, "a", "b", tmp_path / "tok")
+    with serving(create_app(TeacherScorer(model, other))) as url:
+        code, out = check(url)
+    a = tok.convert_tokens_to_ids("a")
+    assert code == 1, out
+    assert f"FAIL     teacher {url}: tokenizers differ: id {a} is 'a' for the student, " in out
+
+
+def test_a_teacher_with_other_ids_of_the_same_size_is_refused_before_step_1(
+    models, prompts_file, teacher, tmp_path, capsys
+):
+    model, tok = teacher
+    other = swapped_tokenizer(tok, "a", "b", tmp_path / "tok")
+    assert len(other) == len(tok) and other.get_vocab() != tok.get_vocab()
+    out = tmp_path / "run"
+    args = distill_args(models, prompts_file, out, 1, "run.preflight=false")  # checked anyway
+    a = tok.convert_tokens_to_ids("a")
+    with serving(create_app(TeacherScorer(model, other))) as url:
+        args[args.index("--teacher") + 1] = url
+        code, err = call(args, capsys)
+    want = f"opd: error: teacher {url}: tokenizers differ: id {a} is 'a' for the student, 'b' for the teacher"
+    assert_one_line_error(code, err, want)
+    assert err.strip() == want and not (out / "metrics.jsonl").exists()
+
+
+def test_a_server_without_the_tokenizer_endpoints_is_refused_unless_trusted(
+    models, prompts_file, proxy, tmp_path, capsys
+):
+    proxy.tokenizer_endpoints = False
+    args = distill_args(models, prompts_file, tmp_path / "run", 1, "run.preflight=false")
+    args[args.index("--teacher") + 1] = proxy.url
+    code, err = call(args, capsys)
+    assert_one_line_error(
+        code, err, f"teacher {proxy.url}: cannot check its tokenizer against the student's",
+        "neither POST /detokenize (HTTP 404: Not Found) nor POST /tokenize (HTTP 404",
+        "would train silently", "remote.trust_tokenizer=true",
+    )  # fmt: skip
+    code, err = call(args + ["remote.trust_tokenizer=true"], capsys)
+    assert code == 0, err
+    assert f"opd: WARNING: teacher {proxy.url}: its tokenizer is NOT checked" in err
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
 # -- a server that misbehaves on purpose --------------------------------------------------
 
 
@@ -186,6 +287,7 @@ class FaultyProxy:
     def __init__(self, upstream: str, slow_s: float):
         self.upstream, self.slow_s, self.faults = upstream, slow_s, []
         self.requests = 0
+        self.tokenizer_endpoints = True  # False: /tokenize and /detokenize answer 404
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -198,6 +300,11 @@ class FaultyProxy:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path in ("/tokenize", "/detokenize"):  # the tokenizer check: no faults
+                    if not proxy.tokenizer_endpoints:
+                        return self._send(404, b'{"detail": "Not Found"}')
+                    r = httpx.post(proxy.upstream.removesuffix("/v1") + self.path, content=body)
+                    return self._send(r.status_code, r.content)
                 proxy.requests += 1
                 fault = proxy.faults.pop(0) if proxy.faults else None
                 if fault == "500":

@@ -74,3 +74,32 @@ def test_opd_check_uses_run_device(models, prompts_file, capsys):
               "--prompts", str(prompts_file), "run.device=cuda"])  # fmt: skip
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "run.device='cuda' but torch sees no CUDA device" in err, err
+
+
+def test_an_unknown_head_map_is_refused_before_any_weights_load(models, prompts_file, tmp_path):
+    """The config tells: a Llama folder whose config.json sets final_logit_softcapping (which
+    Llama's forward does not apply) is refused for --loss full from its config alone; its
+    weights file here is garbage, so loading it would have failed differently."""
+    import json
+    import shutil
+
+    from opd.config import build_config
+    from opd.train import distill
+
+    odd = tmp_path / "odd"
+    shutil.copytree(models["teacher"], odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps(config | {"final_logit_softcapping": 30.0}))
+    (odd / "model.safetensors").write_bytes(b"not safetensors")
+    flags = {
+        "model.student": str(models["student"]),
+        "model.teacher": str(odd),
+        "data.prompts": str(prompts_file),
+        "run.out": str(tmp_path / "run"),
+        "objective.loss": "full",
+    }
+    with pytest.raises(
+        OpdError, match=r"model.teacher=.*final_logit_softcapping=30.0 on the config"
+    ):
+        distill(build_config(None, flags, []))
+    assert not (tmp_path / "run").exists()

@@ -202,7 +202,38 @@ def test_distill_through_vllm_matches_in_process_first_step(teacher, student_set
 
     r, served = first_step(url, tmp_path / "served")
     assert "teacher self-KL [default]  ok" in r.stdout  # preflight sampled through vLLM
+    assert f"opd: teacher {url}: tokenizer checked: " in r.stderr  # /detokenize and /tokenize
     _, local = first_step(str(SERVED["path"]), tmp_path / "local")
     assert served["teacher/kl"] == pytest.approx(local["teacher/kl"], abs=1e-4)
     _, topk = first_step(url, tmp_path / "topk", "--loss", "topk", "objective.topk=5")
     assert topk["teacher/kl"] == pytest.approx(local["teacher/kl"], abs=1e-4)
+
+
+def test_a_student_with_other_ids_of_the_same_size_is_refused_through_vllm(
+    teacher, student_setup, tmp_path
+):
+    """vLLM's /detokenize and /tokenize (at the server's root) tell the tokenizers apart."""
+    from opd.teachers.served import ServedTeacher
+    from opd.teachers.tokenizer_check import check_served_tokenizer
+
+    from .test_cli import run_cli
+    from .test_served import swapped_tokenizer
+
+    tok, _, url = teacher
+    served = ServedTeacher(url)
+    status, detail = check_served_tokenizer(served, tok)
+    assert status == "ok", detail
+    assert "ids decode alike and" in detail and "texts encode alike" in detail, detail
+    other = swapped_tokenizer(tok, "a", "b", tmp_path / "tok")
+    a = tok.convert_tokens_to_ids("a")
+    differ = f"tokenizers differ: id {a} is 'b' for the student, 'a' for the teacher"
+    assert check_served_tokenizer(served, other) == ("FAIL", differ)
+    served.close()
+    _, prompts, _ = student_setup
+    student = tiny.save(tiny.tiny_model(other, hidden=32, layers=2, seed=1), other, tmp_path / "s")
+    out = tmp_path / "run"
+    r = run_cli(["distill", "--student", str(student), "--teacher", url, "--prompts",
+                 str(prompts), "--out", str(out), "--steps", "1", "run.preflight=false"])  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"opd: error: teacher {url}: {differ}"
+    assert "Traceback" not in r.stderr and not (out / "metrics.jsonl").exists()

@@ -20,9 +20,18 @@ from opd.data import Prompt, load_prompts, read_jsonl
 from opd.distributed import DistContext
 from opd.errors import OpdError
 from opd.evaluate import get_extractor
+from opd.fast.decode import KVCacheSampler
+from opd.fast.llama import kv_supported
 from opd.flops import Ledger, ModelShape, model_shape
 from opd.losses import Objective, objective_for, uses_rewards
-from opd.models import add_lora, check_compatible, load_model, load_tokenizer, output_vocab
+from opd.models import (
+    add_lora,
+    check_compatible,
+    check_head_config,
+    load_model,
+    load_tokenizer,
+    output_vocab,
+)
 from opd.rewards import answer_rewards
 from opd.samplers import Sampler, make_sampler
 from opd.samplers.autocast import AutocastSampler
@@ -31,6 +40,7 @@ from opd.score import Scorer
 from opd.teachers import DEFAULT, TeacherRouter, is_url, teacher_specs
 from opd.teachers.local import LocalTeacher
 from opd.teachers.served import ServedTeacher
+from opd.teachers.tokenizer_check import require_same_tokenizer
 
 
 @dataclass
@@ -46,6 +56,7 @@ class Run:
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     sampler: Sampler  # the student (on-policy), the teacher (SFT on its samples) or the rows
+    sampler_said: str  # which sampler backend runs, and why (printed at the start of a run)
     score: Scorer  # teacher log-probs and rewards onto the batch
     prompts: list[Prompt]
     eval_prompts: list[Prompt]
@@ -87,6 +98,14 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
             "update is off-policy by that much",
             file=sys.stderr,
         )
+    if objective.teacher in ("topk", "logits"):  # the student's head runs chunk by chunk
+        check_head_config(m.student, "model.student")
+    if objective.teacher == "logits":  # and so do the teachers'
+        for name, spec in teacher_specs(m.teacher, m.teachers).items():
+            if not is_url(spec):
+                check_head_config(
+                    spec, "model.teacher" if name == DEFAULT else f"model.teachers[{name}]"
+                )
     torch.manual_seed(cfg.run.seed)
     tokenizer = load_tokenizer(m.student, "model.student")
     student = load_model(m.student, m.dtype, ctx.device, "model.student")
@@ -124,7 +143,9 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
         student = add_lora(student, m.lora_rank, m.lora_alpha, m.lora_target_modules)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
-    sampler = make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, from_data)
+    sampler, sampler_said = make_token_source(
+        cfg, ctx, tokenizer, vocab_size, student, sft_teacher, from_data
+    )
     router = None
     if objective.teacher:
         r = cfg.run
@@ -156,6 +177,7 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
         params=params,
         optimizer=optimizer,
         sampler=sampler,
+        sampler_said=sampler_said,
         score=Scorer(router, objective.teacher, o.topk, reward),
         prompts=prompts,
         eval_prompts=eval_prompts,
@@ -177,9 +199,10 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     )
 
 
-def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, from_data) -> Sampler:
+def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, from_data):
     """The student itself (on-policy, rl), the teacher (SFT on its samples) or the rows' own
-    completions (SFT on data); every batch comes on the run's device."""
+    completions (SFT on data), every batch on the run's device; and which sampler it is, in
+    words (`sampler_choice`)."""
     s = cfg.sampling
     if from_data:
         if s.group_size != 1 and ctx.is_main:
@@ -188,15 +211,27 @@ def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, fro
                 "(sampling.group_size is ignored)",
                 file=sys.stderr,
             )
-        return DatasetSampler(tokenizer.pad_token_id, ctx.device)
+        return DatasetSampler(tokenizer.pad_token_id, ctx.device), "the rows' own completions"
+    model = sft_teacher if sft_teacher is not None else student
     sampler = make_sampler(
-        sft_teacher if sft_teacher is not None else student,
-        tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k,
+        model, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k,
         backend=s.backend, fast=cfg.run.fast_paths,
     )  # fmt: skip
+    choice = sampler_choice(sampler, model, cfg)
     if cfg.run.autocast != "none":
         sampler = AutocastSampler(sampler, ctx.device, cfg.run.autocast)
-    return sampler
+    return sampler, choice
+
+
+def sampler_choice(sampler, model, cfg: Config) -> str:
+    """Which sampler backend runs and why, in a few words."""
+    if isinstance(sampler, KVCacheSampler):
+        return "kv (opd's KV-cache decode loop)"
+    if not cfg.run.fast_paths:
+        return "hf (the model's own forward: run.fast_paths=false)"
+    if cfg.sampling.backend == "hf":
+        return "hf (the model's own forward: sampling.backend=hf)"
+    return f"hf (the model's own forward; the KV-cache loop does not support {kv_supported(model)})"
 
 
 def load_teachers(cfg: Config, objective: Objective, tokenizer, student, ctx: DistContext):
@@ -224,6 +259,8 @@ def load_teachers(cfg: Config, objective: Objective, tokenizer, student, ctx: Di
                 r.concurrency,
                 r.batch_rows,
             )
+            # before step 1 whatever run.preflight says: does it read the student's ids alike?
+            require_same_tokenizer(teachers[name], tokenizer, r.trust_tokenizer, ctx.is_main)
             continue
         teacher_tok = load_tokenizer(spec, what)
         model = load_model(spec, m.teacher_dtype, ctx.device, what)

@@ -149,6 +149,13 @@ class RemoteConfig:
     backoff: float = _f(0.5, "First retry's wait in seconds; doubles each retry.")
     concurrency: int = _f(4, "Scoring requests in flight at once.")
     batch_rows: int = _f(16, "Sequences per scoring request.")
+    trust_tokenizer: bool = _f(
+        False,
+        "Train with a served teacher whose tokenizer cannot be checked (a server without POST "
+        "/tokenize and /detokenize), taking it to be the student's; a teacher that reads the "
+        "student's ids as other tokens then trains silently. A checked tokenizer that differs "
+        "stops the run either way.",
+    )
 
 
 @dataclass(frozen=True)

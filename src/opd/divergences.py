@@ -14,12 +14,16 @@ distribution at that position:
 
 `divergence_loss_chunked` applies one of them to a micro-batch without ever holding a (B, T, V)
 tensor: the backbone runs once, the LM head and the divergence run per chunk of completion
-tokens, and the hidden-state gradient is sent back through the backbone once at the end.
+tokens, and the hidden-state gradient is sent back through the backbone once at the end. The
+elementwise map a model applies after its LM head (Gemma's final-logit soft-capping, Cohere's
+and Granite's logit scaling: `models.post_head`) is applied to each chunk's logits, so the
+logits are the model's own.
 
 Deliberately left out: temperature scaling of the logits, any gradient through the choice of
 states (the samples are taken as given, as in GKD; no score-function term), teacher gradients,
-and LM heads that are not a plain linear map (Gemma's soft-capping, Cohere/Granite logit
-scaling are refused). Axis suffixes: N completion positions, K teacher top-k entries, V vocab.
+and a scaling field on a model type whose use of it opd does not know (refused,
+`models.check_plain_head`). Axis suffixes: N completion positions, K teacher top-k entries,
+V vocab.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 
 from opd.fast.shared_prompt import shared_prompt_hidden
 from opd.logprobs import completion_hidden
-from opd.models import check_plain_head, inner_model
+from opd.models import check_plain_head, inner_model, post_head
 from opd.types import LOGP_FLOOR, Rollouts
 
 KINDS = ("reverse_kl", "jsd", "topk_reverse_kl")
@@ -193,14 +197,15 @@ def divergence_loss_chunked(
     call it once per micro-batch with the step's global completion-token count: the losses and
     gradients of all micro-batches and ranks then add up to the step mean. Peak memory is the
     backbone's activations plus one chunk's (chunk_tokens, V) logits, student and teacher.
-    Logits are cut to vocab_size, so padded embedding rows take no mass.
+    Logits are cut to vocab_size, so padded embedding rows take no mass, and go through the
+    model's `models.post_head` (soft-cap, logit scale) as in its forward.
     Stats: the divergence's sum and max over this call's tokens, and their count.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown divergence {kind!r}; expected one of {KINDS}")
     model = inner_model(student)
     check_plain_head(model)
-    head = model.get_output_embeddings()
+    head, post = model.get_output_embeddings(), post_head(model.config)
     device = head.weight.device
     mask_BT = rollouts.completion_mask_BT.to(device)
     rows_N, cols_N = mask_BT.nonzero(as_tuple=True)
@@ -220,7 +225,7 @@ def divergence_loss_chunked(
     div_max = torch.zeros((), device=device)
     for start in range(0, N, chunk_tokens):
         chunk = slice(start, start + chunk_tokens)
-        logits_NV = head(leaf_NH[chunk])[:, :vocab_size].float()
+        logits_NV = post(head(leaf_NH[chunk])[:, :vocab_size].float())
         teacher_out = _to(teacher_fn(rows_N[chunk], cols_N[chunk]), device)
         div_N = divergence(kind, logits_NV, teacher_out, beta)
         (div_N.sum() / denom).backward()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -136,24 +137,134 @@ def inner_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+# The config fields that change a causal LM's logits after its LM head, in some model families.
 POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# model_type -> (field, op): what that family's *ForCausalLM.forward does to lm_head's output,
+# read from transformers' modeling_<type>.py; op names the PostHead field the value goes to.
+# "cap": cap * tanh(logits / cap), unless the field is None (Gemma); "mul": logits * field
+# (Cohere's logit_scale); "div": logits / field (Granite's logits_scaling). Keyed by family, not
+# by field: HyperCLOVAX multiplies by the field Granite divides by, and a model whose forward
+# ignores a field (MPT's logit_scale, a stray key in a Llama config.json) must not get it
+# applied. No family reads more than one of these fields.
+POST_HEAD_OPS = {
+    "gemma2": ("final_logit_softcapping", "cap"),
+    "gemma3_text": ("final_logit_softcapping", "cap"),
+    "vaultgemma": ("final_logit_softcapping", "cap"),
+    "nanochat": ("final_logit_softcapping", "cap"),
+    "cohere": ("logit_scale", "mul"),
+    "cohere2": ("logit_scale", "mul"),
+    "granite": ("logits_scaling", "div"),
+    "granitemoe": ("logits_scaling", "div"),
+    "granitemoeshared": ("logits_scaling", "div"),
+    "granitemoehybrid": ("logits_scaling", "div"),
+    "hyperclovax": ("logits_scaling", "mul"),
+}
 
 
-def post_head_scaling(model) -> str | None:
-    """The config field that changes logits after the LM head, if any ('name=value')."""
-    cfg = model.config
+@dataclass(frozen=True)
+class PostHead:
+    """The elementwise map from lm_head's output to the model's logits: x -> x * mul / div,
+    then cap * tanh(. / cap) when cap is set. The identity by default.
+
+    `__call__` is out of place (autograd through it); `apply_` writes over a float32 buffer.
+    The derivative is `slope` * (1 - tanh(.)**2) with a cap, `slope` without (fast/heads.py
+    uses it in the fused head's hand-written backward).
+    """
+
+    mul: float = 1.0
+    div: float = 1.0
+    cap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.mul == 1.0 and self.div == 1.0 and self.cap is None
+
+    @property
+    def slope(self) -> float:
+        """d(x * mul / div) / dx."""
+        return self.mul / self.div
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        # the operations of the models' forwards, in their order, so float32 results match
+        if self.mul != 1.0:
+            logits = logits * self.mul
+        if self.div != 1.0:
+            logits = logits / self.div
+        if self.cap is not None:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+    def scale_(self, logits: torch.Tensor) -> torch.Tensor:
+        """x * mul / div in place (the part before the cap)."""
+        if self.mul != 1.0:
+            logits.mul_(self.mul)
+        if self.div != 1.0:
+            logits.div_(self.div)
+        return logits
+
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
+        """`self(logits)` written over logits."""
+        self.scale_(logits)
+        if self.cap is not None:
+            logits.div_(self.cap).tanh_().mul_(self.cap)
+        return logits
+
+
+IDENTITY = PostHead()
+
+
+def _post_head(config) -> tuple[PostHead | None, str | None]:
+    """(the transform, None), or (None, why opd cannot tell what the forward does)."""
+    model_type = getattr(config, "model_type", None)
+    known = POST_HEAD_OPS.get(model_type)
+    set_fields = {}
     for name in POST_HEAD:
-        value = getattr(cfg, name, None)
-        if value not in (None, 1, 1.0):
-            return f"{name}={value}"
-    return None
+        value = getattr(config, name, None)
+        neutral = value is None or (name != "final_logit_softcapping" and value == 1)
+        if not neutral:
+            set_fields[name] = value
+    post = IDENTITY
+    if known is not None and known[0] in set_fields:
+        name, op = known
+        value = float(set_fields.pop(name))
+        post = PostHead(**{op: value})
+    if set_fields:
+        fields = ", ".join(f"{k}={v}" for k, v in set_fields.items())
+        return None, (
+            f"{model_type}: {fields} on the config, and opd does not know whether or how this "
+            f"model type applies it after the LM head (known: {', '.join(POST_HEAD_OPS)})"
+        )
+    return post, None
+
+
+def post_head(config) -> PostHead | None:
+    """The elementwise map the model with this config applies to its LM head's output
+    (IDENTITY when none), or None when a field that could be one is set on a model type whose
+    use of it opd does not know (then only the model's own forward gives its logits)."""
+    return _post_head(config)[0]
 
 
 def check_plain_head(model) -> None:
-    """Refuse models whose logits are not lm_head(final hidden state)."""
-    reason = post_head_scaling(model)
+    """Refuse models whose logits are not a known elementwise map of lm_head(final hidden)."""
+    reason = _post_head(model.config)[1]
     if reason:
         raise OpdError(
-            f"{model.config.model_type}: {reason} is applied after the LM head; "
-            "divergence losses support plain linear heads only"
+            f"{reason}; the divergence losses compute the logits from the LM head themselves"
+        )
+
+
+def check_head_config(path: str, what: str) -> None:
+    """`check_plain_head` from a model folder's config.json alone, before its weights load. A
+    folder whose config cannot be read is left to `load_model`, which says why."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception:  # transformers raises many types for a broken folder
+        return
+    reason = _post_head(config)[1]
+    if reason:
+        raise OpdError(
+            f"{what}={path!r}: {reason}; the divergence losses compute the logits from the LM "
+            "head themselves"
         )

@@ -1,13 +1,14 @@
 """Preflight: is this teacher usable for this student? Run by `opd check` and before step 1.
 
 Checks, each reported as ok / FAIL / skipped with the numbers:
-- tokenizers: the same vocabulary and special tokens (local teachers; a server cannot show it);
+- tokenizers: the same vocabulary and special tokens (a local teacher's files; a served one is
+  asked by teachers/tokenizer_check.py when the run is set up, whatever run.preflight says);
 - chat templates: equal, when the prompts use messages;
 - embeddings: both output layers cover the tokenizer (padded rows beyond it are fine);
 - teacher self-KL: the teacher's own samples, scored by the same teacher backend, give
   mean |logp_sampler - logp_teacher| ~ 0. This catches off-by-one alignment, a BOS the server
   adds or drops, and a scorer that applies a temperature. A served teacher is asked to sample
-  (vLLM can; `opd serve-teacher` cannot, so it is skipped there);
+  (vLLM can; `opd serve-teacher` and SGLang here cannot, so it is skipped there, saying so);
 - start KL: the student's samples scored by each teacher, the reverse KL the run starts from.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import httpx
 import torch
 
 from opd.distributed import DistContext
@@ -23,9 +25,15 @@ from opd.samplers import make_sampler
 from opd.stats import per_teacher_kl
 from opd.teachers import TeacherRouter
 from opd.teachers.local import LocalTeacher
-from opd.teachers.served import ServedTeacher, _Retryable
+from opd.teachers.served import ServedTeacher, _detail
+from opd.teachers.tokenizer_check import LEFT_OPEN, TokenizerCheckFailed
 
 SELF_KL_LIMIT = {"float32": 1e-3, "bfloat16": 5e-2}
+SELF_KL_OPEN = (
+    "so not checked: that the server scores its own samples at KL ~ 0, which leaves open an "
+    "off-by-one alignment, a BOS it adds or drops and a temperature in its scorer (the start "
+    "KL below is measured all the same, with nothing to compare it with)"
+)
 
 
 def own_sample_gaps(
@@ -45,10 +53,12 @@ def self_kl_local(model, tokenizer, vocab_size: int, prompts, max_new_tokens: in
     return float(gaps.abs().mean())
 
 
-def self_kl_served(teacher: ServedTeacher, prompts, max_new_tokens: int) -> float | None:
-    """The same check through the server: None when the server does not sample."""
+def self_kl_served(
+    teacher: ServedTeacher, prompts, max_new_tokens: int
+) -> tuple[float | None, str]:
+    """The same check through the server: (value, "") or (None, why the server did not sample)."""
     if teacher.api != "vllm":
-        return None
+        return None, f"remote.api={teacher.api}: opd samples only through /v1/completions"
     payload = {
         "model": teacher.model,
         "prompt": [p.ids for p in prompts],
@@ -60,26 +70,26 @@ def self_kl_served(teacher: ServedTeacher, prompts, max_new_tokens: int) -> floa
     }
     try:
         response = teacher.client.post(f"{teacher.url}/completions", json=payload)
-    except Exception:
-        return None
+    except httpx.HTTPError as e:
+        return None, f"the sampling request failed ({type(e).__name__}: {e})"
     if response.status_code != 200:
-        return None
+        return (
+            None,
+            f"the server does not sample (HTTP {response.status_code}: {_detail(response)})",
+        )
     try:
         choices = sorted(response.json()["choices"], key=lambda c: c["index"])
         samples = [(c["token_ids"], c["logprobs"]["token_logprobs"]) for c in choices]
-    except (KeyError, TypeError, ValueError):
-        return None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return None, f"its samples lack token ids or log-probs ({type(e).__name__}: {e})"
     rows = [p.ids + list(ids) for p, (ids, _) in zip(prompts, samples, strict=True)]
     keep = [i for i, (ids, _) in enumerate(samples) if ids]
-    try:
-        scored = teacher._request([rows[i] for i in keep], 0)
-    except _Retryable:
-        return None
+    scored = teacher._request([rows[i] for i in keep], 0)
     diffs = []
     for i, (lps, _) in zip(keep, scored, strict=True):
         n_prompt = len(prompts[i].ids)
         diffs += [abs(a - b) for a, b in zip(samples[i][1], lps[n_prompt:], strict=True)]
-    return sum(diffs) / max(len(diffs), 1)
+    return sum(diffs) / max(len(diffs), 1), ""
 
 
 def start_kl(student_sampler, router: TeacherRouter, prompts, names: list[str]) -> dict[str, float]:
@@ -101,9 +111,9 @@ def run_preflight(run, n_prompts: int = 4) -> list[tuple[str, str, str]]:
     for name, teacher in run.teacher.teachers.items():
         label = f"teacher self-KL [{name}]"
         if isinstance(teacher, ServedTeacher):
-            value = self_kl_served(teacher, prompts, max_new)
+            value, why = self_kl_served(teacher, prompts, max_new)
             if value is None:
-                rows.append((label, "skipped", "the server does not sample with log-probs"))
+                rows.append((label, "skipped", f"{why}; {SELF_KL_OPEN}"))
                 continue
             limit = SELF_KL_LIMIT["bfloat16"]  # servers often run reduced precision
         else:
@@ -121,6 +131,18 @@ def run_preflight(run, n_prompts: int = 4) -> list[tuple[str, str, str]]:
         rows.append(
             (f"start KL [{name}]", "ok", f"student -> teacher reverse KL {kl:.4f} per token")
         )
+    return rows
+
+
+def served_tokenizer_rows(run) -> list[tuple[str, str, str]]:
+    """What the set-up found when it asked each served teacher about its tokenizer."""
+    rows = []
+    for name, teacher in run.teacher.teachers.items():
+        if isinstance(teacher, ServedTeacher) and teacher.tokenizer_check:
+            status, detail = teacher.tokenizer_check
+            if status == "skipped":
+                detail += f"; remote.trust_tokenizer=true, so not checked: {LEFT_OPEN}"
+            rows.append((f"tokenizers [{name}]", status, detail))
     return rows
 
 
@@ -159,13 +181,11 @@ def check_command(student: str, teacher: str, prompts: str | None, overrides: li
             Path(prompts).write_text(
                 '{"prompt": "Hello"}\n{"prompt": "1 + 1 ="}\n{"prompt": "a"}\n'
             )
-        # tokenizers and configs only: the models are loaded once, by setup_run below
+        # tokenizers and configs only: the models are loaded once, by build_run below
         if not is_url(teacher):
             s_tok = load_tokenizer(student, "--student")
             t_tok = load_tokenizer(teacher, "--teacher")
             rows += _static_checks(s_tok, t_tok, student, teacher, prompts)
-        else:
-            rows.append(("tokenizers", "skipped", "a served teacher's tokenizer is not visible"))
         if any(r[1] == "FAIL" for r in rows):
             print("opd check:\n" + format_report(rows))
             return 1
@@ -180,8 +200,14 @@ def check_command(student: str, teacher: str, prompts: str | None, overrides: li
         if cfg.objective.kind != "opd":
             raise OpdError("opd check checks a distillation set-up: drop objective.kind")
         ctx = setup(cfg.run.device, cfg.run.threads)  # run.device, as a run would use it
-        run = build_run(cfg, ctx)
         try:
+            run = build_run(cfg, ctx)  # asks each served teacher about its tokenizer
+        except TokenizerCheckFailed as e:
+            ctx.close()
+            print("opd check:\n" + format_report(rows + [("tokenizers", "FAIL", str(e))]))
+            return 1
+        try:
+            rows += served_tokenizer_rows(run)
             rows += run_preflight(run)
         finally:
             run.score.close()

@@ -5,6 +5,10 @@ projects that score with vLLM):
 - POST /v1/completions with `prompt` = token ids (one list, or a list of lists), `max_tokens`
   0 or 1 and `prompt_logprobs` = k: each choice's `prompt_logprobs` is `null` for the first
   token, then {"<id>": {"logprob", "rank", "decoded_token"}} with the actual token and the top-k;
+- POST /tokenize ({"model", "prompt", "add_special_tokens"} -> {"tokens", "count", ...}) and
+  POST /detokenize ({"model", "tokens"} -> {"prompt"}), at the root as vLLM has them, so that a
+  trainer can check this tokenizer against its own; GET /tokenizer_info adds its size and a hash
+  (`opd_len`, `opd_sha256`);
 - GET /v1/models and GET /health.
 Requests that arrive together are scored in one forward pass. Loopback only unless --host says
 otherwise; an optional bearer key; limits on rows, length and k answer 4xx with the reason.
@@ -21,6 +25,7 @@ import torch
 
 from opd.errors import OpdError
 from opd.models import load_model, load_tokenizer
+from opd.teachers.tokenizer_check import tokenizer_sha256
 
 LOGITS_BUDGET = 2**25  # floats of (rows x tokens x vocab) logits held at once
 
@@ -116,9 +121,11 @@ def create_app(
         ) from None
 
     queue: asyncio.Queue[_Job] = asyncio.Queue()
+    sha256 = tokenizer_sha256(scorer.tokenizer)
     executor = ThreadPoolExecutor(1, thread_name_prefix="opd-score")  # one forward at a time
 
-    def error(code: int, message: str, kind: str = "BadRequestError"):
+    def error(code: int, message: str, kind: str = ""):
+        kind = kind or ("NotFoundError" if code == 404 else "BadRequestError")
         body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
         return JSONResponse(body, status_code=code)
 
@@ -180,18 +187,37 @@ def create_app(
         }
         return {"object": "list", "data": [card]}
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _json_object(request)
+        problem = _check_tokenize(body, name)
+        if problem:
+            return error(*problem)
+        tok, special = scorer.tokenizer, body.get("add_special_tokens", True)
+        ids = tok.encode(body["prompt"], add_special_tokens=special)
+        strs = tok.convert_ids_to_tokens(ids) if body.get("return_token_strs") else None
+        n = len(ids)
+        return {"count": n, "max_model_len": scorer.max_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _json_object(request)
+        problem = _check_detokenize(body, name, scorer.vocab)
+        if problem:
+            return error(*problem)
+        return {"prompt": scorer.tokenizer.decode(body["tokens"])}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = scorer.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "opd_len": len(tok), "opd_sha256": sha256}
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        try:
-            body = await request.json()
-        except ValueError:
-            return error(400, "the request body is not JSON")
-        if not isinstance(body, dict):
-            return error(400, "the request body must be a JSON object")
+        body = await _json_object(request)
         problem = _check_request(body, name, scorer, max_logprobs, max_rows)
         if problem:
-            code, message = problem
-            return error(code, message, "NotFoundError" if code == 404 else "BadRequestError")
+            return error(*problem)
         prompt = body["prompt"]
         rows = [prompt] if prompt and isinstance(prompt[0], int) else prompt
         k = int(body["prompt_logprobs"])
@@ -228,8 +254,51 @@ def create_app(
     return app
 
 
+async def _json_object(request):
+    """The request's JSON object, or why it is not one."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return "the request body is not JSON"
+    return body if isinstance(body, dict) else "the request body must be a JSON object"
+
+
+def _check_tokenize(body, name):
+    """(status, reason) for a /tokenize request this server cannot answer, else None."""
+    if not isinstance(body, dict):
+        return 400, body
+    if body.get("model") not in (None, name):
+        return 404, f"The model `{body.get('model')}` does not exist (this server has `{name}`)."
+    if "messages" in body:
+        return 400, "this server tokenizes a prompt, not chat messages"
+    if not isinstance(body.get("prompt"), str):
+        return 400, "prompt must be a string"
+    if not isinstance(body.get("add_special_tokens", True), bool):
+        return 400, "add_special_tokens must be true or false"
+    return None
+
+
+def _check_detokenize(body, name, vocab: int):
+    """(status, reason) for a /detokenize request this server cannot answer, else None."""
+    if not isinstance(body, dict):
+        return 400, body
+    if body.get("model") not in (None, name):
+        return 404, f"The model `{body.get('model')}` does not exist (this server has `{name}`)."
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in tokens
+    ):
+        return 400, "tokens must be a list of token ids"
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        return 400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})"
+    return None
+
+
 def _check_request(body, name, scorer: TeacherScorer, max_logprobs, max_rows):
     """(status, reason) for a request this server cannot answer, else None."""
+    if not isinstance(body, dict):
+        return 400, body
     if body.get("model", name) != name:
         return 404, f"The model `{body.get('model')}` does not exist (this server has `{name}`)."
     prompt = body.get("prompt")

@@ -12,6 +12,7 @@ evaluation, checkpoints and the final model.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def distill(cfg: Config, force: bool = False) -> Path:
         if run.teacher is not None and cfg.run.preflight:
             preflight(run)
         found = rundir.prepare(out, cfg, force, ctx)
+        if ctx.is_main:
+            print(f"opd: sampler: {run.sampler_said}", file=sys.stderr)
         start, stopped = rundir.resume(found, run)
         final_dir = out / "final"
         if (start >= cfg.run.steps or stopped) and final_dir.is_dir():

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from opd.fast.heads import plain_head, score_completions
+from opd.fast.heads import logprobs_at, plain_head, score_completions
 from opd.fast.packed import PackedLinears, call_module
 from opd.fast.shared_prompt import score_shared_prompts, shared_prompt_supported
 from opd.logprobs import completion_hidden, completion_logprobs, completion_topk, token_logprobs
-from opd.models import check_plain_head, inner_model
+from opd.models import check_plain_head, inner_model, post_head
 from opd.types import Rollouts, TeacherLogits, autocast_context
 
 # A teacher whose linear weights fit in this many bytes keeps a packed copy of them for the
@@ -98,11 +98,14 @@ class LocalTeacher:
 
         The backbone runs micro_batch_size rows at a time (0: all) under inference_mode; the N
         hidden states that predict completion tokens are kept, and the LM head runs when the
-        loss asks for a chunk of positions, so no (B, T, V) teacher tensor exists.
+        loss asks for a chunk of positions, so no (B, T, V) teacher tensor exists. The head's
+        output goes through the model's `models.post_head` (soft-cap, logit scale) as in its
+        forward.
         """
         model = inner_model(self.model)
         check_plain_head(model)
-        head = model.get_output_embeddings()
+        head, post = model.get_output_embeddings(), post_head(model.config)
+        V = self.vocab_size
         device = self.device
         batch = rollouts.to(device)
         step = self.micro_batch_size or rollouts.num_rows
@@ -117,13 +120,11 @@ class LocalTeacher:
                 )
             h_NH = torch.cat(parts)
             rows_N, cols_N = batch.completion_mask_BT.nonzero(as_tuple=True)
-            lp_BT = torch.zeros(batch.tokens_BT.shape, dtype=torch.float32, device=device)
-            for start in range(0, h_NH.shape[0], self.chunk):
-                sl = slice(start, start + self.chunk)
-                logits_nV = head(h_NH[sl])
-                lp_BT[rows_N[sl], cols_N[sl]] = token_logprobs(
-                    logits_nV, batch.tokens_BT[rows_N[sl], cols_N[sl]], self.vocab_size
-                )
+            args = (h_NH, rows_N, cols_N, batch.tokens_BT, V, self.chunk, post)
+            if self.fast and plain_head(model) is not None:  # reused buffers, in-place softmax
+                lp_BT = logprobs_at(head, *args)
+            else:
+                lp_BT = plain_logprobs_at(head, *args)
         h_NH, lp_BT = h_NH.clone(), lp_BT.clone()  # plain tensors again
         # (row, col) -> which of the N kept hidden states predicts that token
         where_BT = torch.full(batch.tokens_BT.shape, -1, dtype=torch.long, device=device)
@@ -132,6 +133,18 @@ class LocalTeacher:
         def logits(rows_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 h_nH = h_NH[where_BT[rows_N.to(device), cols_N.to(device)]]
-                return head(h_nH)[:, : self.vocab_size].float()
+                return post(head(h_nH)[:, :V].float())
 
         return logits, lp_BT
+
+
+def plain_logprobs_at(head, h_NH, rows_N, cols_N, tokens_BT, vocab_size, chunk, post):
+    """`fast.heads.logprobs_at` with plain torch ops: the head's logits chunk by chunk."""
+    lp_BT = torch.zeros(tokens_BT.shape, dtype=torch.float32, device=tokens_BT.device)
+    for start in range(0, h_NH.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        logits_nV = post(head(h_NH[sl])[:, :vocab_size].float())
+        lp_BT[rows_N[sl], cols_N[sl]] = token_logprobs(
+            logits_nV, tokens_BT[rows_N[sl], cols_N[sl]], vocab_size
+        )
+    return lp_BT

@@ -16,6 +16,9 @@ Requests go out `concurrency` at a time, `batch_rows` rows each. A 5xx, a timeou
 connection or a malformed response is retried with exponential backoff and jitter (or after the
 server's `Retry-After`, on a 429 or 503); after `retries` retries (or at once, for a 4xx that no
 retry can fix) the step fails with one line that says why, and the step's other requests stop.
+
+Whether the server reads the student's ids as the same tokens is asked before step 1, by
+tokenizer_check.py.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import httpx
 import torch
@@ -36,6 +40,13 @@ from opd.types import LOGP_FLOOR, Rollouts
 
 class _Retryable(Exception):
     pass
+
+
+class Refused(NamedTuple):
+    """A 4xx (or 501) answer, returned instead of raised when the caller asked for it."""
+
+    code: int
+    detail: str
 
 
 class ServedTeacher:
@@ -58,6 +69,7 @@ class ServedTeacher:
         except httpx.InvalidURL as e:
             raise OpdError(f"teacher URL {url!r} is not valid ({e})") from None
         self.max_len = None  # the server's context, when it says
+        self.tokenizer_check = None  # (status, detail) once checked (teachers.tokenizer_check)
         self.api = api
         self.retries = retries
         self.backoff = backoff
@@ -149,7 +161,7 @@ class ServedTeacher:
             )
         return names[0]
 
-    def _request(self, rows: list[list[int]], k: int, stop: threading.Event):
+    def _request(self, rows: list[list[int]], k: int, stop: threading.Event | None = None):
         if self.api == "sglang":
             root = self.url.removesuffix("/v1")
             payload = {
@@ -169,7 +181,9 @@ class ServedTeacher:
         }
         return self._call("POST", f"{self.url}/completions", payload, "scoring", rows, k, stop)
 
-    def _call(self, method, url, payload, what, rows=None, k=0, stop=None):
+    def _call(self, method, url, payload, what, rows=None, k=0, stop=None, refusals=False):
+        """The parsed answer (or body); with `refusals`, a 4xx other than 401/403 (or a 501)
+        comes back as a Refused instead of stopping the run."""
         stop = stop or threading.Event()
         last, asked = "", None  # asked: the wait the server asked for (Retry-After), if any
         for attempt in range(self.retries + 1):
@@ -188,6 +202,11 @@ class ServedTeacher:
             except httpx.TransportError as e:
                 last = f"connection failed ({type(e).__name__}: {e})"
                 continue
+            code = response.status_code
+            if refusals and (
+                code == 501 or (400 <= code < 500 and code not in (401, 403, 408, 429))
+            ):
+                return Refused(code, _detail(response))
             if response.status_code >= 500 or response.status_code in (408, 429):
                 last = f"HTTP {response.status_code}: {_detail(response)}"
                 asked = _retry_after(response, self.client.timeout.read or 60.0)
