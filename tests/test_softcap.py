@@ -14,7 +14,6 @@ import torch
 
 from opd import tiny
 from opd.config import build_config
-from opd.data import pack
 from opd.divergences import divergence, divergence_loss_chunked, teacher_topk
 from opd.errors import OpdError
 from opd.fast.heads import fused_token_loss, logprobs_at, plain_head
@@ -23,10 +22,11 @@ from opd.models import IDENTITY, PostHead, check_plain_head, post_head
 from opd.objectives import policy_gradient_loss
 from opd.teachers.local import LocalTeacher
 from opd.train import distill
-from opd.types import Rollouts, position_ids
+from opd.types import position_ids
+
+from .test_divergences import RAGGED, build_rollouts, grads_of
 
 ARCHS = ("gemma2", "cohere", "granite")
-RAGGED = [("ab=", "ba"), ("abcdefg=", "gfedcba"), ("c=", "c"), ("hijab=", "bajih")]
 TOPK = 5
 # Each model's own field, sized so that it changes the log-probs (see test_the_map_bites).
 POST = {
@@ -53,24 +53,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def rollouts(tok):
-    """Left-padded prompts, right-padded completions (EOS added), as in test_divergences."""
-    prompts = [tok(p)["input_ids"] for p, _ in RAGGED]
-    completions = [
-        tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, c in RAGGED
-    ]
-    tokens, attn, mask, plen = pack(prompts, completions, tok.pad_token_id)
-    return Rollouts(
-        tokens_BT=tokens,
-        attention_mask_BT=attn,
-        completion_mask_BT=mask,
-        prompt_len=plen,
-        sampler_lp_BT=torch.zeros(tokens.shape),
-        prompt_index_B=torch.arange(tokens.shape[0]),
-    )
-
-
-def grads_of(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return build_rollouts(tok, RAGGED)
 
 
 def make(tok, arch: str, seed: int, vocab_pad: int = 0, layers: int = 1):
