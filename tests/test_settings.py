@@ -103,3 +103,31 @@ def test_an_unknown_head_map_is_refused_before_any_weights_load(models, prompts_
     ):
         distill(build_config(None, flags, []))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_with_its_own_code_or_pickle_weights_is_refused_unread(models, tmp_path):
+    """opd never runs a model folder's Python (auto_map) and never unpickles weights: both are
+    one-line errors before transformers sees the folder; the folder's code never runs."""
+    import json
+    import shutil
+
+    from opd.models import load_model, load_tokenizer
+
+    marker = tmp_path / "ran"
+    code = tmp_path / "code"
+    shutil.copytree(models["student"], code)
+    (code / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((code / "config.json").read_text())
+    auto = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (code / "config.json").write_text(json.dumps(config | {"auto_map": auto}))
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(OpdError, match=r"config.json names custom code \(auto_map\)"):
+            load(str(code), what="model.student")
+    assert not marker.exists()
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(models["student"], pickled)
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04 not even a pickle")
+    with pytest.raises(OpdError, match=r"only pickle weights \(pytorch_model.bin\)"):
+        load_model(str(pickled), what="model.student")

@@ -13,13 +13,50 @@ from opd.errors import OpdError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+# Weight files that only pickle can read: opd never unpickles (a pickle can run any code).
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
 def _check_folder(path: str, what: str) -> Path:
+    """A local model folder whose files opd may read: no code of its own, no pickle."""
     p = Path(path)
     if not p.exists():
         raise OpdError(f"{what}: model folder not found: {path}")
     if not p.is_dir() or not (p / "config.json").is_file():
         raise OpdError(f"{what}: {path} is not a Hugging Face model folder (no config.json)")
+    for name in ("config.json", "tokenizer_config.json"):
+        if "auto_map" in _json_keys(p / name, what):
+            raise OpdError(
+                f"{what}: {p / name} names custom code (auto_map); opd never runs a model "
+                "folder's own Python: use a model type that transformers ships"
+            )
     return p
+
+
+def _json_keys(path: Path, what: str) -> set[str]:
+    import json
+
+    if not path.is_file():
+        return set()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OpdError(f"{what}: {path} is not readable JSON ({e})") from None
+    return set(data) if isinstance(data, dict) else set()
+
+
+def _check_weights(p: Path, what: str) -> None:
+    """safetensors weights only: a folder with pickle weights alone is refused unread."""
+    if any(p.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for pattern in PICKLE_WEIGHTS for f in p.glob(pattern))
+    if pickled:
+        raise OpdError(
+            f"{what}: {p} has only pickle weights ({', '.join(pickled)}); opd loads safetensors "
+            "only, since unpickling can run any code: convert them once, where you trust the "
+            "file, with AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)"
+        )
+    raise OpdError(f"{what}: {p} has no weights (no *.safetensors file)")
 
 
 def load_tokenizer(path: str, what: str = "model"):
@@ -27,7 +64,7 @@ def load_tokenizer(path: str, what: str = "model"):
 
     p = _check_folder(path, what)
     try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a broken folder
         raise OpdError(
             f"{what}: could not load a tokenizer from {path}: {_first_line(e)}"
@@ -44,10 +81,15 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", what: str
     from transformers import AutoModelForCausalLM
 
     p = _check_folder(path, what)
+    _check_weights(p, what)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(p), dtype=DTYPES[dtype], local_files_only=True
+            str(p),
+            dtype=DTYPES[dtype],
+            local_files_only=True,
+            trust_remote_code=False,  # never a prompt, never the folder's own Python
+            use_safetensors=True,  # never unpickle
         )
     except Exception as e:
         raise OpdError(

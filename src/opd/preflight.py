@@ -221,7 +221,7 @@ def _output_rows(path: str, what: str) -> int:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         return int(config.get_text_config().vocab_size)
     except Exception as e:  # transformers raises many types for a broken config
         raise OpdError(
