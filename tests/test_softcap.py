@@ -14,7 +14,7 @@ import torch
 
 from opd import tiny
 from opd.config import build_config
-from opd.divergences import divergence, divergence_loss_chunked, teacher_topk
+from opd.divergences import divergence_loss_chunked, teacher_topk
 from opd.errors import OpdError
 from opd.fast.heads import fused_token_loss, logprobs_at, plain_head
 from opd.logprobs import completion_hidden, completion_logits, completion_logprobs
@@ -22,12 +22,10 @@ from opd.models import IDENTITY, PostHead, check_plain_head, post_head
 from opd.objectives import policy_gradient_loss
 from opd.teachers.local import LocalTeacher
 from opd.train import distill
-from opd.types import position_ids
 
-from .test_divergences import RAGGED, build_rollouts, grads_of
+from .test_divergences import RAGGED, TOPK, build_rollouts, grads_of, unchunked
 
 ARCHS = ("gemma2", "cohere", "granite")
-TOPK = 5
 # Each model's own field, sized so that it changes the log-probs (see test_the_map_bites).
 POST = {
     "gemma2": {"final_logit_softcapping": 2.0},
@@ -172,23 +170,6 @@ def test_local_teacher_scores_and_logits_equal_the_models_forward(tok, rollouts,
 # --- (b) the chunked divergence losses ----------------------------------------------------
 
 
-def unchunked(student, teacher, ro, kind, vocab):
-    """Full (B, T, V) logits from both models' own forwards, then the divergence, backward."""
-    student.zero_grad(set_to_none=True)
-    P, pos = ro.prompt_len, position_ids(ro.attention_mask_BT)
-    inputs = dict(input_ids=ro.tokens_BT, attention_mask=ro.attention_mask_BT, position_ids=pos)
-    s_BCV = student(**inputs).logits[:, P - 1 : -1, :vocab]
-    with torch.no_grad():
-        t_BCV = teacher(**inputs).logits[:, P - 1 : -1, :vocab]
-    s_NV, t_NV = s_BCV.reshape(-1, vocab), t_BCV.reshape(-1, vocab)
-    teacher_out = teacher_topk(t_NV, TOPK) if kind == "topk_reverse_kl" else t_NV
-    div_BC = divergence(kind, s_NV, teacher_out, 0.5).view(s_BCV.shape[:2])
-    mask_BC = ro.completion_mask_BT[:, P:]
-    loss = torch.where(mask_BC, div_BC, 0.0).sum() / mask_BC.sum()
-    loss.backward()
-    return loss.item(), grads_of(student)
-
-
 def chunked(student, teacher, ro, kind, vocab, chunk):
     student.zero_grad(set_to_none=True)
     fn = LocalTeacher(teacher, vocab, chunk=2).logits(ro)[0]
@@ -204,7 +185,7 @@ def chunked(student, teacher, ro, kind, vocab, chunk):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chunked_divergence_equals_the_models_forward(tok, rollouts, arch, kind):
     student, teacher = make(tok, arch, seed=1), make(tok, arch, seed=2)
-    ref_loss, ref_grads = unchunked(student, teacher, rollouts, kind, len(tok))
+    ref_loss, ref_grads = unchunked(student, teacher, rollouts, kind, 0.5, len(tok))
     assert ref_loss > 1e-2
     loss, grads = chunked(student, teacher, rollouts, kind, len(tok), chunk=3)
     assert math.isclose(loss, ref_loss, rel_tol=1e-5, abs_tol=1e-5)
