@@ -105,24 +105,31 @@ def test_an_unknown_head_map_is_refused_before_any_weights_load(models, prompts_
     assert not (tmp_path / "run").exists()
 
 
-def test_a_folder_with_its_own_code_or_pickle_weights_is_refused_unread(models, tmp_path):
-    """opd never runs a model folder's Python (auto_map) and never unpickles weights: both are
-    one-line errors before transformers sees the folder; the folder's code never runs."""
+def test_a_folders_own_code_never_runs_and_pickle_weights_are_refused_unread(
+    models, tmp_path, monkeypatch
+):
+    """opd never runs a model folder's Python (auto_map) and never unpickles weights. A folder
+    whose type transformers ships loads with transformers' own class; one whose type it does not
+    ship is a one-line error; the folder's module runs in neither case, even for a user who
+    would answer "y" if transformers asked whether to run it."""
     import json
     import shutil
 
     from opd.models import load_model, load_tokenizer
 
+    monkeypatch.setattr("builtins.input", lambda *args, **kwargs: "y")
     marker = tmp_path / "ran"
     code = tmp_path / "code"
     shutil.copytree(models["student"], code)
     (code / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
     config = json.loads((code / "config.json").read_text())
-    auto = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    auto = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.Evil"}
     (code / "config.json").write_text(json.dumps(config | {"auto_map": auto}))
-    for load in (load_model, load_tokenizer):
-        with pytest.raises(OpdError, match=r"config.json names custom code \(auto_map\)"):
-            load(str(code), what="model.student")
+    assert type(load_model(str(code), what="model.student")).__name__ == "LlamaForCausalLM"
+    load_tokenizer(str(code), what="model.student")
+    (code / "config.json").write_text(json.dumps(config | {"auto_map": auto, "model_type": "evil"}))
+    with pytest.raises(OpdError, match=r"model.student: could not load a causal LM from .*code"):
+        load_model(str(code), what="model.student")
     assert not marker.exists()
 
     pickled = tmp_path / "pickled"
