@@ -23,7 +23,14 @@ from opd.objectives import policy_gradient_loss
 from opd.teachers.local import LocalTeacher
 from opd.train import distill
 
-from .test_divergences import RAGGED, TOPK, build_rollouts, grads_of, unchunked
+from .test_divergences import (  # one_thread: its autouse fixture applies here too
+    RAGGED,
+    TOPK,
+    build_rollouts,
+    grads_of,
+    one_thread,  # noqa: F401
+    unchunked,
+)
 
 ARCHS = ("gemma2", "cohere", "granite")
 # Each model's own field, sized so that it changes the log-probs (see test_the_map_bites).
@@ -33,15 +40,6 @@ POST = {
     "granite": {"logits_scaling": 0.4},
 }
 HEAD_SCALE = {"gemma2": 15.0, "cohere": 6.0, "granite": 6.0}  # the scaling above makes up the rest
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: a second thread only adds OpenMP barriers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
