@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from opd import tiny
 from opd.experiments.demo import run_demo
-from opd.tasks.addition import CHARS, Addition, extract_answer
+from opd.tasks.addition import CHARS, Addition, extract_answer, extract_trace_answer
 
 
 @given(digits=st.integers(1, 6), data=st.data())
@@ -41,6 +41,26 @@ def test_splits_are_disjoint_and_deterministic(seed):
     assert len(set(train)) == 300 and len(set(test)) == 50
     assert task.pairs(50, "test", seed, rng_seed=seed) == test
     assert all(task.split_of(a, b, seed) == "test" for a, b in test)
+
+
+@given(digits=st.integers(1, 6), data=st.data())
+def test_trace_without_answer_line_gives_the_sum(digits, data):
+    task = Addition(digits, answer_line=False)
+    a = data.draw(st.integers(0, 10**digits - 1))
+    b = data.draw(st.integers(0, 10**digits - 1))
+    sol = task.solution(a, b)
+    assert ";" not in sol and sol == Addition(digits).solution(a, b).split(";")[0]
+    assert extract_trace_answer(sol) == task.answer(a, b)
+    assert int(extract_trace_answer(sol)) == a + b
+
+
+def test_extract_trace_answer_reads_only_well_formed_traces():
+    assert extract_trace_answer("1+2+0=03,7+6+0=13,4+8+1=13,3+5+1=09") == "09333"
+    assert extract_trace_answer("1+2+0=03,3+5+1=09 ") == "093"
+    # a wrong column sum gives a wrong answer: the trace is read, not recomputed
+    assert extract_trace_answer("1+2+0=04,3+5+1=09") == "094"
+    for bad in ("", "1+2+0=03,", "1+2+0=03,7+6", "1+2+0=3", "1+2+0=03;03", "x1+2+0=03", "03"):
+        assert extract_trace_answer(bad) == "", bad
 
 
 def test_extract_answer_edge_cases():
@@ -87,3 +107,26 @@ def test_demo_chain_in_test_mode_writes_its_files_reuses_cache_and_improves(tmp_
     assert "teacher: reusing" in log and "SFT student: reusing" in log
     assert again["teacher"]["accuracy"] == result["teacher"]["accuracy"]
     assert again["sft"]["accuracy"] == result["sft"]["accuracy"]
+
+
+def test_demo_over_seeds_reports_every_seed_and_the_spread(tmp_path, capsys):
+    from opd.experiments.demo_seeds import run_seeds
+
+    doc = run_seeds(str(tmp_path / "demo"), "test", [0, 1], str(tmp_path / "cache"))
+    out = capsys.readouterr().out
+    assert [r["seed"] for r in doc["runs"]] == [0, 1]
+    for seed in (0, 1):  # each seed is a whole demo in its own folder, with its own data
+        assert (tmp_path / "demo" / f"seed-{seed}" / "results.json").is_file()
+    assert doc["runs"][0]["teacher"]["path"] != doc["runs"][1]["teacher"]["path"]
+
+    def of_teacher(r, stage):  # the test preset's 40-step teacher may score 0
+        return r[stage]["accuracy"] / r["teacher"]["accuracy"] if r["teacher"]["accuracy"] else 0
+
+    opd = [of_teacher(r, "opd") for r in doc["runs"]]
+    sft = [of_teacher(r, "sft") for r in doc["runs"]]
+    assert doc["spread"]["opd_of_teacher"]["min"] == min(opd)
+    assert doc["spread"]["sft_of_teacher"]["max"] == max(sft)
+    assert doc["spread"]["every_seed_holds"] == (min(opd) >= 0.9 and max(sft) <= 0.7)
+    saved = json.loads((tmp_path / "demo" / "seeds.json").read_text())
+    assert saved["seeds"] == [0, 1] and "| 1 |" in (tmp_path / "demo" / "seeds.md").read_text()
+    assert "OPD / teacher: median" in out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from opd.evaluate import get_extractor
 from opd.fast.decode import KVCacheSampler
 from opd.fast.llama import kv_supported
 from opd.flops import Ledger, ModelShape, model_shape
+from opd.guard import WEIGHT_BOUND, SkipCount, weight_bound
 from opd.losses import Objective, objective_for, uses_rewards
 from opd.models import (
     add_lora,
@@ -68,6 +69,8 @@ class Run:
     ledger: Ledger = field(default_factory=Ledger)
     # evaluation's own: its FLOPs are not training compute, so not in flops/step or flops/total
     eval_ledger: Ledger = field(default_factory=Ledger)
+    skips: SkipCount = field(default_factory=SkipCount)  # steps skipped for a NaN or inf
+    weight_bound: float = WEIGHT_BOUND  # larger trained weights are never saved (guard.py)
 
     @property
     def teacher(self) -> TeacherRouter | None:
@@ -128,13 +131,14 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     from_data = not on_policy and sft_teacher is None
     prompts = read_prompts(
         cfg.data.prompts, rows, tokenizer, limits, s.max_new_tokens, cfg.data.overlong,
-        "data.prompts", from_data, ctx,
+        "data.prompts", from_data, ctx, cfg.data.unknown_chars,
     )  # fmt: skip
+    cfg = clamp_batch(cfg, len(prompts), ctx)
     eval_prompts = []
     if cfg.eval.prompts:
         eval_prompts = read_prompts(
             cfg.eval.prompts, eval_rows, tokenizer, limits, eval_tokens(cfg), "error",
-            "eval.prompts", False, ctx,
+            "eval.prompts", False, ctx, cfg.data.unknown_chars,
         )[: cfg.eval.limit or None]  # fmt: skip
         if not any("answer" in p.row for p in eval_prompts):
             raise OpdError(f"eval.prompts={cfg.eval.prompts!r}: no row has an 'answer' to score")
@@ -184,6 +188,7 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
         student_shape=student_shape,
         sampling_shape=sampling_shape,
         teacher_shapes={n: model_shape(t) for n, t in local.items()} if router else {},
+        weight_bound=weight_bound(params),
     )
 
 
@@ -294,8 +299,32 @@ def eval_tokens(cfg: Config) -> int:
     return cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens
 
 
+def clamp_batch(cfg: Config, n_prompts: int, ctx: DistContext) -> Config:
+    """A step's prompts are distinct: data.batch_prompts beyond the file is cut to the file (to
+    a multiple of the processes), saying so; more would repeat prompts within a step, and a step's
+    memory grows with them (a million on 50 rows once ran the machine out of memory)."""
+    P, G = cfg.data.batch_prompts, cfg.sampling.group_size
+    if P <= n_prompts:
+        return cfg
+    fit = n_prompts - n_prompts % ctx.world_size
+    if fit < 1:
+        raise OpdError(
+            f"data.prompts={cfg.data.prompts!r} has {n_prompts} prompts, fewer than the "
+            f"{ctx.world_size} processes"
+        )
+    if ctx.is_main:
+        print(
+            f"opd: note: data.batch_prompts={P} is more than the {n_prompts} prompts of "
+            f"data.prompts: each step takes {fit} of them (x sampling.group_size={G} samples)",
+            file=sys.stderr,
+        )
+    return replace(cfg, data=replace(cfg.data, batch_prompts=fit))
+
+
 def read_rows(path: str, key: str):
     """The JSONL rows of a prompts file, read before any model loads (errors name the key)."""
+    if Path(path).is_dir():
+        raise OpdError(f"{key}: {path} is a folder, not a prompts file")
     if not Path(path).is_file():
         raise OpdError(f"{key}: prompts file not found: {path}")
     rows = read_jsonl(path)
@@ -306,15 +335,16 @@ def read_rows(path: str, key: str):
 
 
 def read_prompts(
-    path, rows, tokenizer, limits, max_new_tokens, overlong, key, with_completions, ctx
+    path, rows, tokenizer, limits, max_new_tokens, overlong, key, with_completions, ctx, unknown
 ):
     """Encode a prompts file's rows, checking each prompt against the context left for the
     completion."""
     max_prompt = min(limits) - max_new_tokens if limits else None
     if max_prompt is not None and max_prompt < 1:
+        tokens_key = "sampling.max_new_tokens" if key == "data.prompts" else "eval.max_new_tokens"
         raise OpdError(
-            f"{key}: max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
-            f"{min(limits)}-token context"
+            f"{tokens_key}={max_new_tokens} leaves no room for a prompt in the models' "
+            f"{min(limits)}-token context; use at most {min(limits) - 1}"
         )
     note = f" (context {min(limits)} - max_new_tokens {max_new_tokens})" if limits else ""
     prompts, skipped = load_prompts(
@@ -325,7 +355,15 @@ def read_prompts(
         note,
         max_completion_tokens=max_new_tokens if with_completions else None,
         rows=rows,
+        unknown=unknown,
     )
     if skipped and ctx.is_main:
         print(f"skipped {skipped} overlong prompts (data.overlong=skip); {len(prompts)} remain")
+    unknown_tokens = sum(p.unknown for p in prompts)
+    if unknown_tokens and ctx.is_main:
+        print(
+            f"opd: note: {key}: {unknown_tokens} tokens are the unknown token "
+            f"{tokenizer.unk_token!r}, for text outside the vocabulary (data.unknown_chars=unk)",
+            file=sys.stderr,
+        )
     return prompts

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from opd.errors import OpdError
@@ -47,26 +48,56 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
 
 
 def save(ckpt_root: Path, step: int, model, optimizer, state: dict, keep: int) -> Path:
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{PREFIX}{step:06d}"
     tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    weights = trainable_state(model)
     opt_tensors, groups = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(
-        json.dumps({**state, "step": step, "param_groups": groups}, indent=1)
-    )
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(
+            json.dumps({**state, "step": step, "param_groups": groups}, indent=1)
+        )
+        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except WRITE_ERRORS as e:  # a full disk, a read-only folder: the older checkpoints stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = sum(t.numel() * t.element_size() for t in [*weights.values(), *opt_tensors.values()])
+        raise write_failed(final, e, need, "checkpoint") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# What a failed write raises: OSError (ENOSPC, EROFS, EACCES), or safetensors' own error, which
+# carries the OS's message ("No space left on device").
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def write_failed(folder: Path, error: Exception, need: int, what: str) -> OpdError:
+    """One line for a write that failed: the folder, the reason, the free space, the size."""
+    reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+    reason = reason.split("I/O error: ")[-1]  # safetensors wraps the OS's message
+    where = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(where).free
+    return OpdError(
+        f"cannot write the {what} {folder} ({reason}): {gb(free)} free there, about {gb(need)} "
+        "needed; free some space (nothing older was removed) and run the same command again"
+    )
+
+
+def gb(n: float) -> str:
+    """A size in bytes, in GB, MB or kB."""
+    if n >= 1e8:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

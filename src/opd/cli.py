@@ -63,6 +63,19 @@ def _distill_epilog(kind: str) -> str:
     return "\n".join(lines)
 
 
+def _seed_list(text: str) -> list[int]:
+    """`--seeds 0,1,2`: distinct integers, at least one."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"need distinct seeds, got {text!r}")
+    return seeds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="opd", description="On-policy distillation of language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -126,7 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dm.add_argument("--out", default="runs/demo", help="output folder (report, results, plots)")
     dm.add_argument("--quick", action="store_true", help="fewer OPD steps (reuses cached stages)")
-    dm.add_argument("--seed", type=int, default=0)
+    seeds = dm.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument(
+        "--seeds",
+        type=_seed_list,
+        help="comma-separated seeds (e.g. 0,1,2,3,4): the demo once per seed under OUT/seed-N, "
+        "then the spread over seeds (OUT/seeds.md, seeds.json)",
+    )
     dm.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
     dm.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
     dm.add_argument("--verbose", action="store_true", help="show every step of every stage")
@@ -184,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--max-logprobs", type=int, default=20, help="largest prompt_logprobs k")
     st.add_argument("--max-rows", type=int, default=256, help="most sequences in one request")
+    st.add_argument(
+        "--max-body",
+        type=int,
+        default=None,
+        help="largest request body in bytes, else 413 (default: what --max-rows rows of the "
+        "model's context need)",
+    )
+    st.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="scoring requests waiting at once, else 429 with Retry-After (default 64)",
+    )
     st.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     st.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
@@ -231,7 +264,12 @@ def run(argv: list[str] | None = None) -> int:
         from opd.experiments.demo import run_demo
 
         preset = args.preset or ("quick" if args.quick else "default")
-        run_demo(args.out, preset, args.seed, args.cache_dir, quiet=not args.verbose)
+        if args.seeds:
+            from opd.experiments.demo_seeds import run_seeds
+
+            run_seeds(args.out, preset, args.seeds, args.cache_dir, quiet=not args.verbose)
+        else:
+            run_demo(args.out, preset, args.seed, args.cache_dir, quiet=not args.verbose)
     elif args.command == "experiment":
         from opd.experiments.blog import run_experiment
 
@@ -257,6 +295,8 @@ def run(argv: list[str] | None = None) -> int:
             raise OpdError(f"--port={args.port}: must be in 1..65535")
         if args.max_logprobs < 0 or args.max_rows < 1:
             raise OpdError("--max-logprobs must be >= 0 and --max-rows >= 1")
+        if (args.max_body is not None and args.max_body < 1) or args.max_queue < 1:
+            raise OpdError("--max-body and --max-queue must be >= 1")
         api_key = (
             args.api_key if args.api_key is not None else os.environ.get("OPD_TEACHER_API_KEY", "")
         )
@@ -276,6 +316,8 @@ def run(argv: list[str] | None = None) -> int:
             args.max_rows,
             args.dtype,
             args.device,
+            max_body=args.max_body,
+            max_queue=args.max_queue,
         )
     elif args.command == "check":
         from opd.preflight import check_command

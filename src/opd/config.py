@@ -62,6 +62,11 @@ class DataConfig:
     overlong: str = _f(
         "error", "A prompt longer than the context minus max_new_tokens: 'error' or 'skip'."
     )
+    unknown_chars: str = _f(
+        "error",
+        "Text with no token but the unknown one: 'error' names file:line and the characters; "
+        "'unk' encodes it as the unknown token, counted in metrics (data/unknown_tokens).",
+    )
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,11 @@ class OptimConfig:
     warmup_steps: int = _f(0, "Linear warm-up steps from 0 to lr.")
     schedule: str = _f("constant", "LR after warm-up: 'constant' or 'cosine'.")
     min_lr_ratio: float = _f(0.0, "Cosine schedule ends at lr * min_lr_ratio.")
+    max_skipped: int = _f(
+        3,
+        "A step with a NaN/infinite loss, gradient or log-prob is skipped (no update); this "
+        "many skips in a row are allowed, one more stops the run (0: stop at the first).",
+    )
 
 
 @dataclass(frozen=True)
@@ -326,21 +336,38 @@ def _check(ok: bool, key: str, value: Any, must: str) -> None:
         raise OpdError(f"{key}={value!r}: must be {must}")
 
 
+# The fields that take one of a few words, with those words.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.teacher_dtype": ("float32", "bfloat16"),
+    "data.overlong": ("error", "skip"),
+    "data.unknown_chars": ("error", "unk"),
+    "sampling.backend": ("auto", "kv", "hf"),
+    "objective.kind": ("opd", "sft", "rl"),
+    "objective.loss": ("sampled", "topk", "full", "jsd"),
+    "optim.schedule": ("constant", "cosine"),
+    "remote.api": ("vllm", "sglang"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.autocast": ("none", "bfloat16"),
+}
+
+
 def validate(cfg: Config) -> None:
     """Reject values that cannot work, naming the field and the value."""
     m, d, s, o, op, r = cfg.model, cfg.data, cfg.sampling, cfg.objective, cfg.optim, cfg.run
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        quoted = [o if key.endswith("dtype") else repr(o) for o in options]
+        _check(value in options, key, value, f"{', '.join(quoted[:-1])} or {quoted[-1]}")
     _check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, ">= 0")
     _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "> 0")
-    for key, value in (("model.dtype", m.dtype), ("model.teacher_dtype", m.teacher_dtype)):
-        _check(value in ("float32", "bfloat16"), key, value, "float32 or bfloat16")
     _check(d.batch_prompts >= 1, "data.batch_prompts", d.batch_prompts, ">= 1")
-    _check(d.overlong in ("error", "skip"), "data.overlong", d.overlong, "'error' or 'skip'")
     _check(s.group_size >= 1, "sampling.group_size", s.group_size, ">= 1")
     _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", s.max_new_tokens, ">= 1")
     _check(s.temperature > 0, "sampling.temperature", s.temperature, "> 0")
     _check(0 < s.top_p <= 1, "sampling.top_p", s.top_p, "in (0, 1]")
     _check(s.top_k >= 0, "sampling.top_k", s.top_k, ">= 0")
-    _check(s.backend in ("auto", "kv", "hf"), "sampling.backend", s.backend, "'auto', 'kv' or 'hf'")
     _check(o.kl_coef >= 0, "objective.kl_coef", o.kl_coef, ">= 0")
     _check(0 <= o.discount <= 1, "objective.discount", o.discount, "in [0, 1]")
     _check(0 <= o.clip_ratio < 1, "objective.clip_ratio", o.clip_ratio, "in [0, 1)")
@@ -351,45 +378,23 @@ def validate(cfg: Config) -> None:
     _check(op.eps > 0, "optim.eps", op.eps, "> 0")
     _check(op.grad_clip >= 0, "optim.grad_clip", op.grad_clip, ">= 0")
     _check(op.warmup_steps >= 0, "optim.warmup_steps", op.warmup_steps, ">= 0")
-    _check(
-        op.schedule in ("constant", "cosine"),
-        "optim.schedule",
-        op.schedule,
-        "'constant' or 'cosine'",
-    )
     _check(0 <= op.min_lr_ratio <= 1, "optim.min_lr_ratio", op.min_lr_ratio, "in [0, 1]")
+    _check(op.max_skipped >= 0, "optim.max_skipped", op.max_skipped, ">= 0")
     _check(r.steps >= 1, "run.steps", r.steps, ">= 1")
     _check(r.micro_batch_size >= 0, "run.micro_batch_size", r.micro_batch_size, ">= 0")
     _check(r.save_every >= 1, "run.save_every", r.save_every, ">= 1")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", r.keep_checkpoints, ">= 1")
-    _check(r.device in ("auto", "cpu", "cuda"), "run.device", r.device, "'auto', 'cpu' or 'cuda'")
     _check(r.threads >= 0, "run.threads", r.threads, ">= 0")
-    _check(r.autocast in ("none", "bfloat16"), "run.autocast", r.autocast, "'none' or 'bfloat16'")
     _check(0 <= r.seed < 2**31, "run.seed", r.seed, "in [0, 2**31)")
-    _check(o.kind in ("opd", "sft", "rl"), "objective.kind", o.kind, "'opd', 'sft' or 'rl'")
     _check(o.reward_coef >= 0, "objective.reward_coef", o.reward_coef, ">= 0")
-    if o.reward_coef > 0:
-        _check(
-            o.kind == "opd", "objective.reward_coef", o.reward_coef, "0 unless objective.kind=opd"
-        )
-    if o.kind == "rl":
-        _check(
-            s.group_size >= 2,
-            "sampling.group_size",
-            s.group_size,
-            ">= 2 for objective.kind=rl (rewards are centred within each prompt's group)",
-        )
-    _check(
-        o.loss in ("sampled", "topk", "full", "jsd"),
-        "objective.loss",
-        o.loss,
-        "'sampled', 'topk', 'full' or 'jsd'",
-    )
+    only_opd = "0 unless objective.kind=opd"
+    _check(o.reward_coef == 0 or o.kind == "opd", "objective.reward_coef", o.reward_coef, only_opd)
+    rl_group = ">= 2 for objective.kind=rl (rewards are centred within each prompt's group)"
+    _check(o.kind != "rl" or s.group_size >= 2, "sampling.group_size", s.group_size, rl_group)
     _check(o.topk >= 1, "objective.topk", o.topk, ">= 1")
     _check(0 <= o.jsd_beta <= 1, "objective.jsd_beta", o.jsd_beta, "in [0, 1]")
     _check(o.chunk_tokens >= 1, "objective.chunk_tokens", o.chunk_tokens, ">= 1")
     rm = cfg.remote
-    _check(rm.api in ("vllm", "sglang"), "remote.api", rm.api, "'vllm' or 'sglang'")
     _check(rm.timeout > 0, "remote.timeout", rm.timeout, "> 0")
     _check(rm.retries >= 0, "remote.retries", rm.retries, ">= 0")
     _check(rm.backoff >= 0, "remote.backoff", rm.backoff, ">= 0")

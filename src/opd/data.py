@@ -1,12 +1,15 @@
 """Prompts: JSONL reading with line-numbered errors, chat templates, encoding, a seeded stream.
 
 A row is `{"prompt": str}` or `{"messages": [{"role": ..., "content": ...}, ...]}`, optionally
-with `"answer"`; every other field is kept as metadata. Blank lines are skipped.
+with `"answer"` (a string or a number); every other field is kept as metadata. Blank lines are
+skipped. Each field opd reads is checked for its type and for valid Unicode as the line is read.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,47 +25,85 @@ class Prompt:
     row: dict[str, Any]  # the JSONL object (answer, metadata)
     where: str  # "file:line", for error messages
     completion_ids: list[int] | None = None  # the row's "completion" + EOS, for SFT on data
+    unknown: int = 0  # tokens that are the unknown token for text outside the vocabulary
+
+
+# A prompts file's line is refused unread past this many bytes: no prompt for any model's context
+# comes near it (a million tokens of a few bytes each), and json.loads of a line this size is
+# still quick. Prompts are held to the model's context before tokenising (`load_prompts`).
+MAX_LINE_BYTES = 16 << 20
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; any malformed line is an error naming it."""
     p = Path(path)
+    if p.is_dir():
+        raise OpdError(f"{path} is a folder, not a prompts file")
     if not p.is_file():
         raise OpdError(f"prompts file not found: {path}")
     rows = []
-    with p.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise OpdError(f"{path}:{lineno}: not valid UTF-8") from None
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OpdError(
-                    f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
-                ) from None
-            if not isinstance(obj, dict):
-                raise OpdError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
+    try:
+        with p.open("rb") as f:
+            lineno = 0
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise OpdError(
+                        f"{path}:{lineno}: line is longer than {MAX_LINE_BYTES >> 20} MiB; "
+                        "no prompt is that long"
+                    )
+                obj = parse_line(raw, f"{path}:{lineno}")
+                if obj is not None:
+                    rows.append((lineno, obj))
+    except OSError as e:
+        raise OpdError(f"cannot read prompts file {path} ({e.strerror or e})") from None
     if not rows:
         raise OpdError(f"{path}: no prompts (the file is empty)")
     return rows
 
 
-def prompt_text(row: dict[str, Any], tokenizer, where: str) -> tuple[str, bool]:
-    """The text to encode and whether the tokenizer should add its special tokens (BOS)."""
+def parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
+    """One JSONL line as a checked row (None for a blank line), or an OpdError naming it."""
+    try:
+        line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise OpdError(f"{where}: not valid UTF-8") from None
+    if not line:
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise OpdError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise OpdError(f"{where}: JSON nested too deeply") from None
+    except ValueError:  # an integer past Python's digit limit for int(str)
+        raise OpdError(
+            f"{where}: a number has more digits than JSON numbers may have here "
+            f"({sys.get_int_max_str_digits()}); write it as a string"
+        ) from None
+    if not isinstance(obj, dict):
+        raise OpdError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    check_row(obj, where)
+    return obj
+
+
+def check_row(row: dict[str, Any], where: str) -> None:
+    """The fields opd reads have the types it reads them as, and their text is valid Unicode."""
+    texts = []  # (field, value) of every string opd encodes or compares
+    for name in ("prompt", "completion", "teacher"):
+        if name in row:
+            if not isinstance(row[name], str):
+                raise OpdError(
+                    f"{where}: '{name}' must be a string, got {type(row[name]).__name__}"
+                )
+            texts.append((name, row[name]))
     if "messages" in row:
         messages = row["messages"]
         ok = (
             isinstance(messages, list)
             and messages
             and all(
-                isinstance(m, dict)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
+                isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))
                 for m in messages
             )
         )
@@ -70,6 +111,43 @@ def prompt_text(row: dict[str, Any], tokenizer, where: str) -> tuple[str, bool]:
             raise OpdError(
                 f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}"
             )
+        for i, m in enumerate(messages):
+            texts += [(f"messages[{i}].role", m["role"]), (f"messages[{i}].content", m["content"])]
+    if "answer" in row:
+        answer = row["answer"]
+        number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
+        if not (isinstance(answer, str) or number):
+            raise OpdError(
+                f"{where}: 'answer' must be a string or a number, got {type(answer).__name__} "
+                f"{_short(answer)}"
+            )
+        if isinstance(answer, float) and not math.isfinite(answer):
+            raise OpdError(f"{where}: 'answer' is {answer}, not a finite number")
+        if isinstance(answer, str):
+            texts.append(("answer", answer))
+    for name, text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise OpdError(
+                f"{where}: '{name}' holds a lone surrogate {text[e.start]!r} at character "
+                f"{e.start}: not valid Unicode text"
+            ) from None
+
+
+def _short(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):
+        text = "..."
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def prompt_text(row: dict[str, Any], tokenizer, where: str) -> tuple[str, bool]:
+    """The text to encode and whether the tokenizer should add its special tokens (BOS)."""
+    check_row(row, where)  # the types (rows from read_jsonl have been checked already)
+    if "messages" in row:
+        messages = row["messages"]
         if not getattr(tokenizer, "chat_template", None):
             raise OpdError(
                 f"{where}: row has 'messages' but the tokenizer has no chat template; "
@@ -83,10 +161,6 @@ def prompt_text(row: dict[str, Any], tokenizer, where: str) -> tuple[str, bool]:
             raise OpdError(f"{where}: the chat template rejected these messages: {e}") from None
         return text, False  # chat templates write their own BOS
     if "prompt" in row:
-        if not isinstance(row["prompt"], str):
-            raise OpdError(
-                f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}"
-            )
         if not row["prompt"].strip():
             raise OpdError(f"{where}: empty prompt")
         return row["prompt"], True
@@ -95,23 +169,82 @@ def prompt_text(row: dict[str, Any], tokenizer, where: str) -> tuple[str, bool]:
 
 def encode_row(row: dict[str, Any], tokenizer, where: str) -> list[int]:
     text, add_special = prompt_text(row, tokenizer, where)
-    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
-    if not ids:
-        raise OpdError(f"{where}: prompt encodes to no tokens")
-    return list(ids)
+    return Encoder(tokenizer).prompt(text, add_special, where)[0]
 
 
-def encode_completion(row: dict[str, Any], tokenizer, where: str, max_tokens: int) -> list[int]:
-    text = row.get("completion")
-    if not isinstance(text, str) or not text:
-        raise OpdError(f"{where}: SFT without a teacher needs a non-empty 'completion' string")
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
-    if len(ids) > max_tokens:
-        raise OpdError(
-            f"{where}: completion is {len(ids)} tokens with EOS, more than "
-            f"sampling.max_new_tokens={max_tokens}"
-        )
-    return ids
+class Encoder:
+    """Text to token ids for one tokenizer, with the checks that come before and after it:
+    a text too many bytes long for a token budget is refused before it is tokenised, and text
+    the vocabulary has no token for (the unknown token) is an error unless `unknown` is 'unk'."""
+
+    # A text of n bytes needs at least n / (longest token's bytes) tokens, or a third of that
+    # where a normaliser composes characters (NFC: three 3-byte jamo make one syllable); 4 x
+    # leaves room for that, so `too_long` never refuses a text that would fit.
+    SLACK = 4
+
+    def __init__(self, tokenizer, unknown: str = "error"):
+        self.tokenizer, self.unknown = tokenizer, unknown
+        vocab = tokenizer.get_vocab()
+        self.token_bytes = max((len(t.encode("utf-8", "replace")) for t in vocab), default=1)
+
+    def too_long(self, text: str, max_tokens: int | None) -> int:
+        """The text's size in bytes when no tokenisation of it fits max_tokens, else 0."""
+        if max_tokens is None or len(text) <= max_tokens:  # a character is at least a byte
+            return 0
+        n = len(text.encode("utf-8"))
+        return n if n > self.SLACK * max_tokens * self.token_bytes else 0
+
+    def prompt(self, text: str, add_special: bool, where: str) -> tuple[list[int], int]:
+        """(ids, how many are the unknown token for text outside the vocabulary)."""
+        ids = list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        if not ids:
+            raise OpdError(f"{where}: prompt encodes to no tokens")
+        return ids, self.unknown_tokens(text, ids, where, "prompt")
+
+    def completion(self, row: dict[str, Any], where: str, max_tokens: int) -> tuple[list[int], int]:
+        text = row.get("completion")
+        if not isinstance(text, str) or not text:
+            raise OpdError(f"{where}: SFT without a teacher needs a non-empty 'completion' string")
+        if n := self.too_long(text, max_tokens):
+            raise OpdError(
+                f"{where}: completion is {n} bytes, far more than "
+                f"sampling.max_new_tokens={max_tokens} tokens can hold"
+            )
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        unknown = self.unknown_tokens(text, ids, where, "completion")
+        ids.append(self.tokenizer.eos_token_id)
+        if len(ids) > max_tokens:
+            raise OpdError(
+                f"{where}: completion is {len(ids)} tokens with EOS, more than "
+                f"sampling.max_new_tokens={max_tokens}"
+            )
+        return ids, unknown
+
+    def unknown_tokens(self, text: str, ids: list[int], where: str, what: str) -> int:
+        """How many of ids stand for text outside the vocabulary; an error unless 'unk'."""
+        tok, unk = self.tokenizer, self.tokenizer.unk_token_id
+        if unk is None or unk not in ids:
+            return 0
+        if getattr(tok, "is_fast", False):  # the text each unknown token stands for
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            pairs = zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+            found = [text[a:b] for i, (a, b) in pairs if i == unk and text[a:b] != tok.unk_token]
+        else:
+            chars = dict.fromkeys(text)
+            found = [c for c in chars if unk in tok(c, add_special_tokens=False)["input_ids"]]
+        if not found:  # only the unknown token's own text, written out
+            return 0
+        if self.unknown == "error":
+            shown = ", ".join(
+                f"{c!r} (U+{ord(c):04X})" if len(c) == 1 else repr(c)
+                for c in list(dict.fromkeys(found))[:3]
+            )
+            raise OpdError(
+                f"{where}: the {what} has text the tokenizer has no token for: {shown}; it would "
+                f"become the unknown token {tok.unk_token!r}: fix the data, or set "
+                "data.unknown_chars=unk to encode it so (counted in metrics)"
+            )
+        return ids.count(unk)
 
 
 def load_prompts(
@@ -122,29 +255,37 @@ def load_prompts(
     context_note: str = "",
     max_completion_tokens: int | None = None,
     rows: list[tuple[int, dict[str, Any]]] | None = None,
+    unknown: str = "error",
 ) -> tuple[list[Prompt], int]:
     """Read and encode every row; returns (prompts, number skipped as overlong).
 
     With max_completion_tokens set, every row must also have a "completion" string (SFT on
     data); it is encoded without special tokens and EOS is appended. rows: what
-    `read_jsonl(path)` returned, when the caller has read the file already.
+    `read_jsonl(path)` returned, when the caller has read the file already. unknown: what
+    text outside the vocabulary does, 'error' or 'unk' (`Encoder`).
     """
     prompts, skipped = [], 0
+    encoder = Encoder(tokenizer, unknown)
     for lineno, row in rows if rows is not None else read_jsonl(path):
         where = f"{path}:{lineno}"
-        ids = encode_row(row, tokenizer, where)
-        completion = None
-        if max_completion_tokens is not None:
-            completion = encode_completion(row, tokenizer, where, max_completion_tokens)
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        text, add_special = prompt_text(row, tokenizer, where)
+        if n_bytes := encoder.too_long(text, max_prompt_tokens):  # before tokenising it
+            length = f"{n_bytes} bytes, far more than {max_prompt_tokens} tokens can hold"
+        else:
+            ids, n_unknown = encoder.prompt(text, add_special, where)
+            length = f"{len(ids)} tokens, longer than the {max_prompt_tokens} allowed"
+        if n_bytes or (max_prompt_tokens is not None and len(ids) > max_prompt_tokens):
             if overlong == "skip":
                 skipped += 1
                 continue
             raise OpdError(
-                f"{where}: prompt is {len(ids)} tokens, longer than the {max_prompt_tokens} "
-                f"allowed{context_note}; shorten it or set data.overlong=skip"
+                f"{where}: prompt is {length}{context_note}; shorten it or set data.overlong=skip"
             )
-        prompts.append(Prompt(ids=ids, row=row, where=where, completion_ids=completion))
+        completion = None
+        if max_completion_tokens is not None:
+            completion, more = encoder.completion(row, where, max_completion_tokens)
+            n_unknown += more
+        prompts.append(Prompt(ids, row, where, completion, n_unknown))
     if not prompts:
         raise OpdError(f"{path}: every prompt was skipped as overlong ({skipped} rows)")
     return prompts, skipped

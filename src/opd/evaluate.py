@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from opd.data import load_prompts
+from opd.data import load_prompts, read_jsonl
 from opd.errors import OpdError
-from opd.models import load_model, load_tokenizer, output_vocab
+from opd.models import check_device, load_model, load_tokenizer, output_vocab
 from opd.rewards import completion_texts, extracted, is_correct
 from opd.samplers import make_sampler
 
@@ -85,20 +85,29 @@ def evaluate(
                 f"{name}={value}: must be {'>= 0' if name == '--temperature' else '>= 1'}"
             )
     extract = get_extractor(extractor)
-    tokenizer = load_tokenizer(model_dir, "--model")
-    model = load_model(model_dir, "float32", device, "--model").eval()
-    context = getattr(model.config, "max_position_embeddings", None)
-    max_prompt = context - max_new_tokens if context else None
-    prompts, skipped = load_prompts(prompts_path, tokenizer, max_prompt, "error")
-    vocab = min(len(tokenizer), output_vocab(model))
-    sampler = make_sampler(model, tokenizer, vocab, max_new_tokens, temperature=temperature)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    check_device(device, "--device")
     if out:  # fail on an unwritable --out now, not after all the generation
+        if Path(out).is_dir():
+            raise OpdError(f"--out {out} is a folder: name the JSONL file to write")
         try:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).touch()
         except OSError as e:
             raise OpdError(f"--out {out}: cannot write there ({e.strerror})") from None
+    rows = read_jsonl(prompts_path)  # a bad row fails before the model loads
+    tokenizer = load_tokenizer(model_dir, "--model")
+    model = load_model(model_dir, "float32", device, "--model").eval()
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and max_new_tokens >= context:
+        raise OpdError(
+            f"--max-new-tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"{context}-token context; use at most {context - 1}"
+        )
+    max_prompt = context - max_new_tokens if context else None
+    prompts, skipped = load_prompts(prompts_path, tokenizer, max_prompt, "error", rows=rows)
+    vocab = min(len(tokenizer), output_vocab(model))
+    sampler = make_sampler(model, tokenizer, vocab, max_new_tokens, temperature=temperature)
+    gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
     summary, results = run_eval(sampler, tokenizer, prompts, extract, batch_size, gen, extractor)
     from opd.flops import model_shape, sampling_flops
@@ -113,9 +122,12 @@ def evaluate(
     )
     summary["time/eval"] = time.perf_counter() - t0
     if out:
-        with open(out, "w") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+        try:
+            with open(out, "w") as f:
+                for r in results:
+                    f.write(json.dumps(r) + "\n")
+        except OSError as e:
+            raise OpdError(f"--out {out}: cannot write the results ({e.strerror})") from None
     return summary
 
 

@@ -30,8 +30,23 @@ def _check_folder(path: str, what: str) -> Path:
 
 
 def _check_weights(p: Path, what: str) -> None:
-    """safetensors weights only: a folder with pickle weights alone is refused unread."""
-    if any(p.glob("*.safetensors")):
+    """safetensors weights only: a folder with pickle weights alone is refused unread. Each
+    safetensors file must be readable and start with a valid header (read here, so a file that
+    cannot be read is not reported as missing)."""
+    from safetensors import SafetensorError, safe_open
+
+    found = sorted(p.glob("*.safetensors"))
+    for f in found:
+        try:
+            with open(f, "rb") as fh:  # safetensors reports an unreadable file as missing
+                fh.read(8)
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except OSError as e:
+            raise OpdError(f"{what}: cannot read {f} ({e.strerror or e})") from None
+        except SafetensorError as e:
+            raise OpdError(f"{what}: {f} is not a valid safetensors file ({e})") from None
+    if found:
         return
     pickled = sorted(f.name for pattern in PICKLE_WEIGHTS for f in p.glob(pattern))
     if pickled:
@@ -41,6 +56,16 @@ def _check_weights(p: Path, what: str) -> None:
             "file, with AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)"
         )
     raise OpdError(f"{what}: {p} has no weights (no *.safetensors file)")
+
+
+def check_device(device: str, what: str) -> None:
+    """A CUDA device is there to be used (a CPU-only torch build has none)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "built with CUDA"
+        raise OpdError(
+            f"{what}={device}: torch sees no CUDA device (torch {torch.__version__} is {build}); "
+            "use cpu, or install a CUDA build of torch"
+        )
 
 
 def load_tokenizer(path: str, what: str = "model"):
@@ -66,6 +91,7 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", what: str
 
     p = _check_folder(path, what)
     _check_weights(p, what)
+    check_device(str(device), what)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -14,6 +14,7 @@ Checks, each reported as ok / FAIL / skipped with the numbers:
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import httpx
@@ -93,12 +94,27 @@ def self_kl_served(
 
 
 def start_kl(student_sampler, router: TeacherRouter, prompts, names: list[str]) -> dict[str, float]:
-    """Per teacher: reverse KL per token of the student's samples (what step 1 starts from)."""
+    """Per teacher: reverse KL per token of the student's samples (what step 1 starts from);
+    "student" (NaN) when the student's own log-probs of its samples are not finite."""
     device = next(student_sampler.model.parameters()).device
     batch = student_sampler.sample(prompts, 2, torch.Generator(device=device).manual_seed(0))
+    if not torch.isfinite(batch.sampler_lp_BT[batch.completion_mask_BT]).all():
+        return {"student": math.nan}
     batch = replace(batch, **router.fields(batch, router.names(batch, names), "sampled"))
     kl = per_teacher_kl(batch, sorted(router.teachers), DistContext())
     return {key.removeprefix("teacher/kl/"): value for key, value in kl.items()}
+
+
+# A check whose value is NaN or infinite fails with this detail, and the run's message says so
+# (not alignment, BOS or temperature: the numbers themselves are broken).
+NONFINITE = "not finite"
+
+
+def nonfinite_detail(value: float, whose: str) -> str:
+    return (
+        f"{NONFINITE} ({value}): {whose} log-probs hold NaN or infinity; check its weights "
+        "and dtype"
+    )
 
 
 def run_preflight(run, n_prompts: int = 4) -> list[tuple[str, str, str]]:
@@ -119,6 +135,9 @@ def run_preflight(run, n_prompts: int = 4) -> list[tuple[str, str, str]]:
         else:
             value = self_kl_local(teacher.model, run.tokenizer, run.vocab_size, prompts, max_new)
             limit = SELF_KL_LIMIT[cfg.model.teacher_dtype]
+        if not math.isfinite(value):
+            rows.append((label, "FAIL", nonfinite_detail(value, f"teacher [{name}]'s")))
+            continue
         status = "ok" if value <= limit else "FAIL"
         rows.append(
             (label, status, f"mean |logp_sampler - logp_teacher| = {value:.2e} (limit {limit:g})")
@@ -128,6 +147,10 @@ def run_preflight(run, n_prompts: int = 4) -> list[tuple[str, str, str]]:
         fast=cfg.run.fast_paths,
     )  # fmt: skip
     for name, kl in start_kl(student_sampler, run.teacher, prompts, names).items():
+        whose = "the student's" if name == "student" else f"teacher [{name}]'s"
+        if not math.isfinite(kl):
+            rows.append((f"start KL [{name}]", "FAIL", nonfinite_detail(kl, whose)))
+            continue
         rows.append(
             (f"start KL [{name}]", "ok", f"student -> teacher reverse KL {kl:.4f} per token")
         )
@@ -157,10 +180,11 @@ def check_before_run(run) -> None:
     print("preflight (run.preflight=false skips it):\n" + format_report(rows), flush=True)
     failed = [r for r in rows if r[1] == "FAIL"]
     if failed:
-        raise OpdError(
-            f"preflight failed: {failed[0][0]}: {failed[0][2]}; the teacher backend does not score "
-            "what it samples (alignment, BOS or temperature); see `opd check`"
-        )
+        name, _, detail = failed[0]
+        why = "" if detail.startswith(NONFINITE) else (
+            "; the teacher backend does not score what it samples (alignment, BOS or temperature)"
+        )  # fmt: skip
+        raise OpdError(f"preflight failed: {name}: {detail}{why}; see `opd check`")
 
 
 def check_command(student: str, teacher: str, prompts: str | None, overrides: list[str]) -> int:

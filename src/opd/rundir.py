@@ -17,6 +17,7 @@ from opd import checkpoint
 from opd import config as config_mod
 from opd.config import Config
 from opd.errors import OpdError
+from opd.guard import check_weights
 from opd.models import inner_model
 
 # Fields that may change between a run and its resumption without making it a different run.
@@ -40,6 +41,8 @@ RESUMABLE_CHANGES = {
     "remote.concurrency",
     "remote.batch_rows",
     "run.preflight",
+    "optim.max_skipped",  # how many non-finite steps in a row stop the run, not what a step does
+    "data.unknown_chars",  # 'error' only refuses, before step 1, what 'unk' would encode
 }
 
 
@@ -117,31 +120,59 @@ def resume(found: list[Path], run) -> tuple[int, bool]:
     state = checkpoint.load(found[-1], run.student, run.optimizer)
     run.ledger.load_state_dict(state.get("flops", {}))
     run.eval_ledger.load_state_dict(state.get("eval_flops", {}))
+    run.skips.load_state_dict(state.get("skips", {}))
     if run.ctx.is_main:
         print(f"resuming from {found[-1]} (step {state['step']})")
     return int(state["step"]), bool(state.get("stopped", False))
 
 
 def save_checkpoint(out: Path, step: int, run, stopped: bool) -> None:
-    """Every rank checks the weights agree; rank 0 writes step_NNNNNN."""
+    """Every rank checks the weights agree and are fit to save; rank 0 writes step_NNNNNN."""
     run.ctx.check_in_sync(run.params, step)
+    check_weights(run.params, run.weight_bound, f"step {step}", str(out))
+    state = {
+        "stopped": stopped,
+        "flops": run.ledger.state_dict(),
+        "eval_flops": run.eval_ledger.state_dict(),
+        "skips": run.skips.state_dict(),
+    }
+    keep = run.cfg.run.keep_checkpoints
+    on_main(run.ctx, checkpoint.save, out / "checkpoints", step, run.student, run.optimizer,
+            state, keep)  # fmt: skip
+
+
+def save_final(run, final_dir: Path) -> None:
+    """Every rank checks the weights are fit to save; rank 0 writes the student in
+    save_pretrained format (LoRA merged), atomically."""
+    check_weights(run.params, run.weight_bound, "at the end", str(final_dir.parent))
+    on_main(run.ctx, write_final, run.student, run.tokenizer, final_dir)
     if run.ctx.is_main:
-        state = {
-            "stopped": stopped,
-            "flops": run.ledger.state_dict(),
-            "eval_flops": run.eval_ledger.state_dict(),
-        }
-        keep = run.cfg.run.keep_checkpoints
-        checkpoint.save(out / "checkpoints", step, run.student, run.optimizer, state, keep)
-    run.ctx.barrier()
+        print(f"final model written to {final_dir}")
 
 
-def save_final(student, tokenizer, final_dir: Path) -> None:
-    """Write the student in save_pretrained format (LoRA merged), atomically."""
+def on_main(ctx, write, *args) -> None:
+    """write(*args) on rank 0; a failure (a full disk) stops every rank with its message (a
+    rank left waiting at a barrier would hang)."""
+    problem = ""
+    if ctx.is_main:
+        try:
+            write(*args)
+        except OpdError as e:
+            problem = str(e)
+    if ctx.max([float(bool(problem))])[0] > 0:
+        raise OpdError(problem or "rank 0 could not write to run.out")
+
+
+def write_final(student, tokenizer, final_dir: Path) -> None:
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
-    inner_model(model).save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
+    try:
+        inner_model(model).save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    except checkpoint.WRITE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = sum(t.numel() * t.element_size() for t in inner_model(model).state_dict().values())
+        raise checkpoint.write_failed(final_dir, e, need, "final model") from None
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp.rename(final_dir)

@@ -11,11 +11,14 @@ projects that score with vLLM):
   (`opd_len`, `opd_sha256`);
 - GET /v1/models and GET /health.
 Requests that arrive together are scored in one forward pass. Loopback only unless --host says
-otherwise; an optional bearer key; limits on rows, length and k answer 4xx with the reason.
+otherwise; an optional bearer key; limits on rows, length and k answer 4xx with the reason, and so
+do a body over --max-body (413) and JSON nested too deep (400, serve_limits.py); past
+--max-queue scoring requests waiting, a 429 with Retry-After.
 """
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +28,15 @@ import torch
 
 from opd.errors import OpdError
 from opd.models import load_model, load_tokenizer
+from opd.serve_limits import (
+    bind,
+    check_completions,
+    check_detokenize,
+    check_tokenize,
+    default_max_body,
+    one_line,
+    read_json,
+)
 from opd.teachers.tokenizer_check import tokenizer_sha256
 
 LOGITS_BUDGET = 2**25  # floats of (rows x tokens x vocab) logits held at once
@@ -111,7 +123,12 @@ def create_app(
     max_logprobs: int = 20,
     max_rows: int = 256,
     max_batch_rows: int = 256,
+    max_body: int | None = None,
+    max_queue: int = 64,
 ):
+    """The FastAPI app. max_body: bytes of a request body (default: what max_rows rows of the
+    model's context need); max_queue: scoring requests read or waiting beyond the forward pass
+    running, past which a request is answered 429 with Retry-After."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse
@@ -120,16 +137,20 @@ def create_app(
             "serve-teacher needs FastAPI and uvicorn: pip install 'opd[serve]'"
         ) from None
 
-    queue: asyncio.Queue[_Job] = asyncio.Queue()
+    queue: asyncio.Queue[_Job] = asyncio.Queue()  # bounded by `waiting` (max_queue)
+    max_body = max_body or default_max_body(max_rows, scorer.max_len, scorer.vocab)
+    waiting, forward_s = 0, 0.0  # requests admitted and not yet taken; the last forward's time
     sha256 = tokenizer_sha256(scorer.tokenizer)
     executor = ThreadPoolExecutor(1, thread_name_prefix="opd-score")  # one forward at a time
 
-    def error(code: int, message: str, kind: str = ""):
-        kind = kind or ("NotFoundError" if code == 404 else "BadRequestError")
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-        return JSONResponse(body, status_code=code)
+    def error(code: int, message: str, kind: str = "", headers: dict | None = None):
+        kinds = {404: "NotFoundError", 413: "RequestTooLargeError", 429: "RateLimitError"}
+        kind = kind or kinds.get(code, "BadRequestError")
+        body = {"error": {"message": one_line(message), "type": kind, "param": None, "code": code}}
+        return JSONResponse(body, status_code=code, headers=headers)
 
     async def batcher():
+        nonlocal waiting, forward_s
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await queue.get()]
@@ -137,10 +158,13 @@ def create_app(
             while not queue.empty() and n < max_batch_rows:
                 jobs.append(queue.get_nowait())
                 n += len(jobs[-1].rows)
+            waiting -= len(jobs)
             rows = [r for j in jobs for r in j.rows]
             ks = [j.k for j in jobs for _ in j.rows]
+            start = time.monotonic()
             try:
                 scored = await loop.run_in_executor(executor, scorer.score, rows, ks)
+                forward_s = time.monotonic() - start
             except Exception as e:  # a bug or out of memory: every waiting request hears of it
                 for j in jobs:
                     if not j.future.done():
@@ -189,8 +213,8 @@ def create_app(
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        body = await _json_object(request)
-        problem = _check_tokenize(body, name)
+        body = await read_json(request, max_body)
+        problem = check_tokenize(body, name)
         if problem:
             return error(*problem)
         tok, special = scorer.tokenizer, body.get("add_special_tokens", True)
@@ -201,8 +225,8 @@ def create_app(
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        body = await _json_object(request)
-        problem = _check_detokenize(body, name, scorer.vocab)
+        body = await read_json(request, max_body)
+        problem = check_detokenize(body, name, scorer.vocab)
         if problem:
             return error(*problem)
         return {"prompt": scorer.tokenizer.decode(body["tokens"])}
@@ -214,15 +238,27 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _json_object(request)
-        problem = _check_request(body, name, scorer, max_logprobs, max_rows)
-        if problem:
-            return error(*problem)
-        prompt = body["prompt"]
-        rows = [prompt] if prompt and isinstance(prompt[0], int) else prompt
-        k = int(body["prompt_logprobs"])
-        future = asyncio.get_running_loop().create_future()
-        await queue.put(_Job(rows, k, future))
+        nonlocal waiting
+        if waiting >= max_queue:  # before the body is read: a full queue holds the memory
+            after = max(1, math.ceil(forward_s * (1 + waiting / max(max_queue, 1))))
+            message = f"{waiting} requests are waiting (--max-queue={max_queue}); retry later"
+            return error(429, message, headers={"Retry-After": str(min(after, 60))})
+        waiting += 1
+        queued = False
+        try:
+            body = await read_json(request, max_body)
+            problem = check_completions(body, name, scorer, max_logprobs, max_rows)
+            if problem:
+                return error(*problem)
+            prompt = body["prompt"]
+            rows = [prompt] if prompt and isinstance(prompt[0], int) else prompt
+            k = int(body["prompt_logprobs"])
+            future = asyncio.get_running_loop().create_future()
+            queue.put_nowait(_Job(rows, k, future))
+            queued = True  # the batcher counts it out of `waiting` when it takes it
+        finally:
+            if not queued:
+                waiting -= 1
         scored = await future
         want_token = body.get("max_tokens", 1) != 0
         choices = [
@@ -254,96 +290,6 @@ def create_app(
     return app
 
 
-async def _json_object(request):
-    """The request's JSON object, or why it is not one."""
-    try:
-        body = await request.json()
-    except ValueError:
-        return "the request body is not JSON"
-    return body if isinstance(body, dict) else "the request body must be a JSON object"
-
-
-def _check_tokenize(body, name):
-    """(status, reason) for a /tokenize request this server cannot answer, else None."""
-    if not isinstance(body, dict):
-        return 400, body
-    if body.get("model") not in (None, name):
-        return 404, f"The model `{body.get('model')}` does not exist (this server has `{name}`)."
-    if "messages" in body:
-        return 400, "this server tokenizes a prompt, not chat messages"
-    if not isinstance(body.get("prompt"), str):
-        return 400, "prompt must be a string"
-    if not isinstance(body.get("add_special_tokens", True), bool):
-        return 400, "add_special_tokens must be true or false"
-    return None
-
-
-def _check_detokenize(body, name, vocab: int):
-    """(status, reason) for a /detokenize request this server cannot answer, else None."""
-    if not isinstance(body, dict):
-        return 400, body
-    if body.get("model") not in (None, name):
-        return 404, f"The model `{body.get('model')}` does not exist (this server has `{name}`)."
-    tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in tokens
-    ):
-        return 400, "tokens must be a list of token ids"
-    bad = [t for t in tokens if not 0 <= t < vocab]
-    if bad:
-        return 400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})"
-    return None
-
-
-def _check_request(body, name, scorer: TeacherScorer, max_logprobs, max_rows):
-    """(status, reason) for a request this server cannot answer, else None."""
-    if not isinstance(body, dict):
-        return 400, body
-    if body.get("model", name) != name:
-        return 404, f"The model `{body.get('model')}` does not exist (this server has `{name}`)."
-    prompt = body.get("prompt")
-    if isinstance(prompt, str) or (
-        isinstance(prompt, list) and prompt and isinstance(prompt[0], str)
-    ):
-        return (
-            400,
-            "prompt must be token ids (a list of ints, or a list of lists): text is not tokenised here",
-        )
-    if not isinstance(prompt, list) or not prompt:
-        return 400, "prompt must be a non-empty list of token ids, or a list of such lists"
-    rows = [prompt] if isinstance(prompt[0], int) else prompt
-    if len(rows) > max_rows:
-        return 400, f"{len(rows)} sequences in one request; this server takes at most {max_rows}"
-    for i, r in enumerate(rows):
-        if not isinstance(r, list) or not r:
-            return 400, f"prompt[{i}] must be a non-empty list of token ids"
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in r):
-            return 400, f"prompt[{i}] holds a value that is not an integer token id"
-        if len(r) > scorer.max_len:
-            return 400, f"prompt[{i}] has {len(r)} tokens; the model's context is {scorer.max_len}"
-        bad = [t for t in r if not 0 <= t < scorer.vocab]
-        if bad:
-            return (
-                400,
-                f"prompt[{i}] holds token id {bad[0]} outside the vocabulary [0, {scorer.vocab})",
-            )
-    k = body.get("prompt_logprobs")
-    if k is None:
-        return (
-            400,
-            "this server only scores prompts: set prompt_logprobs (0 = the actual tokens only)",
-        )
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        return 400, f"prompt_logprobs={k!r}: must be an integer >= 0"
-    if k > max_logprobs:
-        return 400, f"prompt_logprobs={k} exceeds this server's --max-logprobs={max_logprobs}"
-    if body.get("max_tokens", 1) not in (0, 1):
-        return 400, f"max_tokens={body.get('max_tokens')!r}: this server scores prompts; use 0 or 1"
-    if body.get("stream"):
-        return 400, "stream is not supported"
-    return None
-
-
 def serve(
     model_dir: str,
     host: str = "127.0.0.1",
@@ -354,11 +300,31 @@ def serve(
     max_rows: int = 256,
     dtype: str = "float32",
     device: str = "cpu",
+    max_body: int | None = None,
+    max_queue: int = 64,
 ) -> None:
-    tokenizer = load_tokenizer(model_dir, "serve-teacher")
-    model = load_model(model_dir, dtype, device, "serve-teacher")
-    app = create_app(TeacherScorer(model, tokenizer), name, api_key, max_logprobs, max_rows)
-    import uvicorn
-
-    print(f"serving {model_dir} as {name!r} on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        import uvicorn
+    except ImportError:
+        raise OpdError(
+            "serve-teacher needs FastAPI and uvicorn: pip install 'opd[serve]'"
+        ) from None
+    sock = bind(host, port)  # a port in use or a bad host stops here, before the model loads
+    try:
+        tokenizer = load_tokenizer(model_dir, "serve-teacher")
+        model = load_model(model_dir, dtype, device, "serve-teacher")
+        scorer = TeacherScorer(model, tokenizer)
+        app = create_app(
+            scorer, name, api_key, max_logprobs, max_rows, max_body=max_body, max_queue=max_queue
+        )
+        max_body = max_body or default_max_body(max_rows, scorer.max_len, scorer.vocab)
+        where = f"[{host}]" if ":" in host else host
+        print(
+            f"serving {model_dir} as {name!r} on http://{where}:{sock.getsockname()[1]}/v1 "
+            f"(bodies up to {max_body} bytes, up to {max_queue} requests queued)",
+            flush=True,
+        )
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -26,7 +26,9 @@ from opd.distributed import DistContext, setup
 from opd.errors import OpdError
 from opd.evaluate import get_extractor, run_eval
 from opd.flops import sampling_flops, step_phases
+from opd.guard import nonfinite
 from opd.losses import LossStats, Trainer
+from opd.memory import check_memory
 from opd.metrics import MetricsLogger
 from opd.objectives import lr_at
 from opd.samplers import make_sampler
@@ -53,11 +55,9 @@ def train_step(step: int, run: Run) -> dict:
     t2 = ctx.clock()
 
     # Normalise by the completion tokens of the whole step (every micro-batch, every rank).
-    n_tokens, n_rows = ctx.sum([batch.num_completion_tokens, batch.num_rows])
-    lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.run.steps, cfg.optim.schedule,
-               cfg.optim.min_lr_ratio)  # fmt: skip
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    n_tokens, n_rows, n_unknown = ctx.sum(
+        [batch.num_completion_tokens, batch.num_rows, sum(p.unknown for p in prompts)]
+    )
     run.optimizer.zero_grad(set_to_none=True)
     # Dropout stays off: the ratio needs the trainer to score the distribution the sampler drew from.
     run.student.eval()
@@ -68,20 +68,29 @@ def train_step(step: int, run: Run) -> dict:
         stats = stats.add(objective.backward(trainer, batch.slice(start, start + rows), n_tokens))
     ctx.sum_gradients(run.params)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip or math.inf).item()
-    if not math.isfinite(grad_norm):
-        raise OpdError(
-            f"step {step + 1}: gradient norm is {grad_norm}; the step was not applied "
-            "(try a lower optim.lr); the last checkpoint is intact"
-        )
-    run.optimizer.step()
+    (loss,), (ratio_max,) = ctx.sum([stats.loss]), ctx.max([stats.ratio_max])
+
+    # A NaN or infinity in the log-probs, the loss or the gradient skips the step (guard.py):
+    # no update, the same verdict on every rank; too many in a row stop the run.
+    lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.run.steps, cfg.optim.schedule,
+               cfg.optim.min_lr_ratio)  # fmt: skip
+    fault = nonfinite(batch, loss, grad_norm, ctx)
+    if fault:
+        run.optimizer.zero_grad(set_to_none=True)
+    else:
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        run.optimizer.step()
+    skipped = run.skips.record(step, fault, cfg.optim.max_skipped, cfg.run.out)
     t3 = ctx.clock()
 
-    (loss,), (ratio_max,) = ctx.sum([stats.loss]), ctx.max([stats.ratio_max])
     metrics = {
         "step": step + 1,
         "loss": loss,
         "optim/lr": lr,
         "optim/grad_norm": grad_norm,
+        "optim/skipped_steps": skipped,
+        "data/unknown_tokens": int(n_unknown),
         "tokens/completion": int(n_tokens),
         "tokens/mean_completion_len": n_tokens / max(n_rows, 1),
         "time/sample": t1 - t0,
@@ -113,11 +122,13 @@ def distill(cfg: Config, force: bool = False) -> Path:
     try:
         out = Path(cfg.run.out)
         run = build_run(cfg, ctx)  # every input is checked before anything is written
+        memory = check_memory(run)  # about how much a step needs; refused if it cannot fit
         if run.teacher is not None and cfg.run.preflight:
             preflight(run)
         found = rundir.prepare(out, cfg, force, ctx)
         if ctx.is_main:
             print(f"opd: sampler: {run.sampler_said}", file=sys.stderr)
+            print(f"opd: memory: {memory}", file=sys.stderr)
         start, stopped = rundir.resume(found, run)
         final_dir = out / "final"
         if (start >= cfg.run.steps or stopped) and final_dir.is_dir():
@@ -151,10 +162,7 @@ def distill(cfg: Config, force: bool = False) -> Path:
                     )
                 break
         logger.close()
-        if ctx.is_main:
-            rundir.save_final(run.student, run.tokenizer, final_dir)
-            print(f"final model written to {final_dir}")
-        ctx.barrier()
+        rundir.save_final(run, final_dir)
         return final_dir
     finally:
         if run is not None:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from opd.errors import OpdError
-from opd.experiments.demo import EXTRACTOR, PRESETS, Stages, _stage, prepare
+from opd.experiments.demo import PRESETS, Stages, _stage, prepare
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,11 @@ def _methods(
             opd_steps,
             x.opd_full_lr,
         ),
-        "rl": ({"objective.kind": "rl", "objective.extractor": EXTRACTOR}, rl_steps, x.rl_lr),
+        "rl": (
+            {"objective.kind": "rl", "objective.extractor": st.common["eval.extractor"]},
+            rl_steps,
+            x.rl_lr,
+        ),
         "sft": ({"objective.kind": "sft", **teacher}, sft_steps, x.sft_lr),
     }
 
@@ -361,7 +365,12 @@ def _accuracy_and_kl(model_dir: Path, st: Stages) -> tuple[float, float]:
     from opd.models import load_model, load_tokenizer
     from opd.preflight import own_sample_gaps
 
-    acc = evaluate(str(model_dir), str(st.test), max_new_tokens=st.max_new, extractor=EXTRACTOR)
+    acc = evaluate(
+        str(model_dir),
+        str(st.test),
+        max_new_tokens=st.max_new,
+        extractor=st.common["eval.extractor"],
+    )
     tok = load_tokenizer(str(model_dir))
     model, start = load_model(str(model_dir)).eval(), load_model(str(st.sft)).eval()
     prompts, _ = load_prompts(str(st.test), tok)

@@ -4,7 +4,10 @@
     completion  "1+2+0=03,7+6+0=13,4+8+1=13,3+5+1=09;09333"
 
 Each step is "a_i+b_i+carry=ss" (two-digit column sum); the final answer follows ';' with
-digits + 1 digits. Every column depends on the carry from the one before, so an early
+digits + 1 digits. With `answer_line=False` the completion stops after the last column and the
+answer is read off the trace (`extract_trace_answer`: the last carry, then each column's ones
+digit from the most significant): no long-range copy of the column sums into an answer line,
+which a 2-layer student learns slowly by any method. Every column depends on the carry from the one before, so an early
 mistake propagates: the long-horizon failure the blog's argument against off-policy training
 is about. Train, validation and test splits are disjoint by construction (a seeded hash of the
 pair decides its split).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 
 CHARS = "0123456789+=,;:"
@@ -22,6 +26,7 @@ CHARS = "0123456789+=,;:"
 @dataclass(frozen=True)
 class Addition:
     digits: int = 4
+    answer_line: bool = True  # False: the trace is the whole completion
 
     def prompt(self, a: int, b: int) -> str:
         return f"{a:0{self.digits}d}+{b:0{self.digits}d}:"
@@ -37,7 +42,8 @@ class Addition:
             s = da + db + carry
             steps.append(f"{da}+{db}+{carry}={s:02d}")
             carry = s // 10
-        return ",".join(steps) + ";" + self.answer(a, b)
+        trace = ",".join(steps)
+        return trace + ";" + self.answer(a, b) if self.answer_line else trace
 
     def split_of(self, a: int, b: int, seed: int = 0) -> str:
         """'test' for about 1 pair in 10, 'valid' for another 1 in 10, else 'train'; fixed by seed."""
@@ -67,3 +73,17 @@ class Addition:
 def extract_answer(text: str) -> str:
     """The final answer: what follows the last ';' (empty when there is none)."""
     return text.rsplit(";", 1)[-1].strip() if ";" in text else ""
+
+
+_COLUMN = re.compile(r"\d\+\d\+\d=(\d\d)")
+
+
+def extract_trace_answer(text: str) -> str:
+    """The answer a trace without an answer line gives: the last column's two-digit sum, then the
+    ones digit of every earlier column, most significant first ("1+2+0=03,3+5+1=09" -> "093").
+    Empty unless the text is nothing but comma-separated columns."""
+    columns = text.strip().split(",")
+    sums = [m.group(1) if (m := _COLUMN.fullmatch(c)) else None for c in columns]
+    if not columns or None in sums:
+        return ""
+    return sums[-1] + "".join(s[1] for s in reversed(sums[:-1]))

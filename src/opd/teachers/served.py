@@ -14,7 +14,8 @@ Two wire formats:
 
 Requests go out `concurrency` at a time, `batch_rows` rows each. A 5xx, a timeout, a dropped
 connection or a malformed response is retried with exponential backoff and jitter (or after the
-server's `Retry-After`, on a 429 or 503); after `retries` retries (or at once, for a 4xx that no
+server's `Retry-After`, on a 429 or 503; a 429, "busy", does not use up a retry until
+(retries + 1) x timeout have passed); after `retries` retries (or at once, for a 4xx that no
 retry can fix) the step fails with one line that says why, and the step's other requests stop.
 
 Whether the server reads the student's ids as the same tokens is asked before step 1, by
@@ -27,6 +28,7 @@ import email.utils
 import math
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -40,6 +42,14 @@ from opd.types import LOGP_FLOOR, Rollouts
 
 class _Retryable(Exception):
     pass
+
+
+class _Again(NamedTuple):
+    """A try to be repeated: the HTTP status (0: none), why, and the wait the server asked for."""
+
+    code: int
+    last: str
+    asked: float | None = None
 
 
 class Refused(NamedTuple):
@@ -183,43 +193,55 @@ class ServedTeacher:
 
     def _call(self, method, url, payload, what, rows=None, k=0, stop=None, refusals=False):
         """The parsed answer (or body); with `refusals`, a 4xx other than 401/403 (or a 501)
-        comes back as a Refused instead of stopping the run."""
+        comes back as a Refused instead of stopping the run.
+
+        A 429 (the server is busy: come back later) is not a failure: it is tried again without
+        using up a retry for as long as every try could have timed out, (retries + 1) x timeout;
+        a busy server that never frees up then fails like any other."""
         stop = stop or threading.Event()
-        last, asked = "", None  # asked: the wait the server asked for (Retry-After), if any
-        for attempt in range(self.retries + 1):
-            if attempt:
-                # Equal jitter: requests that failed together do not all come back together.
-                full = self.backoff * 2 ** (attempt - 1)
-                stop.wait(asked if asked is not None else self.rng.uniform(full / 2, full))
+        cap = self.client.timeout.read or 60.0
+        busy_until = time.monotonic() + (self.retries + 1) * cap
+        failures = 0
+        while True:
             if stop.is_set():  # a sibling request failed for good: the step is over
                 raise OpdError(f"teacher {self.url}: {what} stopped; another request failed")
-            asked = None
-            try:
-                response = self.client.request(method, url, json=payload)
-            except httpx.TimeoutException:
-                last = f"no answer within {self.client.timeout.read} s (remote.timeout)"
-                continue
-            except httpx.TransportError as e:
-                last = f"connection failed ({type(e).__name__}: {e})"
-                continue
-            code = response.status_code
-            if refusals and (
-                code == 501 or (400 <= code < 500 and code not in (401, 403, 408, 429))
-            ):
-                return Refused(code, _detail(response))
-            if response.status_code >= 500 or response.status_code in (408, 429):
-                last = f"HTTP {response.status_code}: {_detail(response)}"
-                asked = _retry_after(response, self.client.timeout.read or 60.0)
-                continue
-            if response.status_code >= 400:
-                raise OpdError(_client_error(self.url, response, k))
-            try:
-                body = response.json()
-                return body if rows is None else self._parse(body, rows, k)
-            except (ValueError, TypeError, KeyError, IndexError, AttributeError, _Retryable) as e:
-                last = f"malformed response ({type(e).__name__}: {e})"
-                continue
-        raise OpdError(f"teacher {self.url}: {what} failed {self.retries + 1} times; last: {last}")
+            outcome = self._try(method, url, payload, rows, k, refusals, cap)
+            if not isinstance(outcome, _Again):
+                return outcome
+            wait = outcome.asked
+            if not (outcome.code == 429 and time.monotonic() + (wait or 0) < busy_until):
+                failures += 1
+                if failures > self.retries:
+                    raise OpdError(
+                        f"teacher {self.url}: {what} failed {failures} times; last: {outcome.last}"
+                    )
+            if wait is None:  # equal jitter: requests that failed together come back apart
+                full = self.backoff * 2 ** max(failures - 1, 0)
+                wait = self.rng.uniform(full / 2, full)
+            else:  # the server's Retry-After, and up to `backoff` more for the same reason
+                wait += self.rng.uniform(0, self.backoff)
+            stop.wait(wait)
+
+    def _try(self, method, url, payload, rows, k, refusals, cap):
+        """One request: the answer, a Refused, an _Again (to be retried), or OpdError."""
+        try:
+            response = self.client.request(method, url, json=payload)
+        except httpx.TimeoutException:
+            return _Again(0, f"no answer within {self.client.timeout.read} s (remote.timeout)")
+        except httpx.TransportError as e:
+            return _Again(0, f"connection failed ({type(e).__name__}: {e})")
+        code = response.status_code
+        if refusals and (code == 501 or (400 <= code < 500 and code not in (401, 403, 408, 429))):
+            return Refused(code, _detail(response))
+        if code >= 500 or code in (408, 429):
+            return _Again(code, f"HTTP {code}: {_detail(response)}", _retry_after(response, cap))
+        if code >= 400:
+            raise OpdError(_client_error(self.url, response, k))
+        try:
+            body = response.json()
+            return body if rows is None else self._parse(body, rows, k)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, _Retryable) as e:
+            return _Again(0, f"malformed response ({type(e).__name__}: {e})")
 
     def _parse(self, body, rows, k):
         """Per row: (log-prob of token j for every j, top entries per j), or _Retryable."""
