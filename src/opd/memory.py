@@ -71,12 +71,18 @@ def activation_bytes_per_token(model) -> int:
     return config.num_hidden_layers * (4 * hidden + 2 * inter) * size
 
 
+def _module(holder) -> bool:
+    return isinstance(getattr(holder, "model", None), torch.nn.Module)
+
+
 def estimate(run) -> StepMemory:
     cfg, ctx = run.cfg, run.ctx
+    # In-process models only: a served teacher's or engine sampler's `model` is a name.
     models = [run.student]
     if run.teacher is not None:
-        models += [t.model for t in run.teacher.teachers.values() if hasattr(t, "model")]
-    sampling_model = getattr(getattr(run.sampler, "sampler", run.sampler), "model", None)
+        models += [t.model for t in run.teacher.teachers.values() if _module(t)]
+    sampler = getattr(run.sampler, "sampler", run.sampler)
+    sampling_model = sampler.model if _module(sampler) else None
     if sampling_model is not None:
         models.append(sampling_model)
     seen = {id(p): p for m in models for p in m.parameters()}

@@ -40,7 +40,7 @@ class Settings:
     digits: int = 4
     # False: the trace is the completion and the answer is read off it; True: the completion
     # ends with ";" and the answer copied from the column sums, a long-range copy the 2-layer
-    # student learns slowly by SFT and OPD alike, so OPD stalled on some seeds (docs/demo.md)
+    # student had not learnt in 300 SFT steps and OPD did not fix: OPD stalled (docs/demo.md)
     answer_line: bool = False
     n_train: int = 20000
     n_test: int = 200

@@ -5,10 +5,11 @@
 
 Each step is "a_i+b_i+carry=ss" (two-digit column sum); the final answer follows ';' with
 digits + 1 digits. With `answer_line=False` the completion stops after the last column and the
-answer is read off the trace (`extract_trace_answer`: the last carry, then each column's ones
-digit from the most significant): no long-range copy of the column sums into an answer line,
-which a 2-layer student learns slowly by any method. Every column depends on the carry from the one before, so an early
-mistake propagates: the long-horizon failure the blog's argument against off-policy training
+answer is read off the trace (`extract_trace_answer`: the last column's sum, then each earlier
+column's ones digit from the most significant): no long-range copy of the column sums into an
+answer line, which the demo's 2-layer student was slow to learn (docs/demo.md).
+
+Every column depends on the carry from the one before, so an early mistake propagates: the long-horizon failure the blog's argument against off-policy training
 is about. Train, validation and test splits are disjoint by construction (a seeded hash of the
 pair decides its split).
 """
