@@ -114,15 +114,22 @@ def too_large(size: str, max_body: int) -> str:
     return f"the request body is {size}; this server takes at most {max_body} (--max-body)"
 
 
+def _refuse_body_or_model(body, name: str, null_model: bool):
+    """(status, reason) when the body is not a JSON object (read_json's own refusal passes
+    through) or names another model; None otherwise. A missing "model" is this server's; an
+    explicit null is too where `null_model`."""
+    if not isinstance(body, dict):
+        return body if isinstance(body, tuple) else (400, "the request body must be a JSON object")
+    model = body.get("model", name)
+    if model != name and not (null_model and model is None):
+        return 404, f"The model `{_short(model)}` does not exist (this server has `{name}`)."
+    return None
+
+
 def check_tokenize(body, name):
     """(status, reason) for a /tokenize request this server cannot answer, else None."""
-    if not isinstance(body, dict):  # read_json's (status, reason), or not an object at all
-        return body if isinstance(body, tuple) else (400, "the request body must be a JSON object")
-    if body.get("model") not in (None, name):
-        return (
-            404,
-            f"The model `{_short(body.get('model'))}` does not exist (this server has `{name}`).",
-        )
+    if refused := _refuse_body_or_model(body, name, null_model=True):
+        return refused
     if "messages" in body:
         return 400, "this server tokenizes a prompt, not chat messages"
     if not isinstance(body.get("prompt"), str):
@@ -138,13 +145,8 @@ def check_tokenize(body, name):
 
 def check_detokenize(body, name, vocab: int):
     """(status, reason) for a /detokenize request this server cannot answer, else None."""
-    if not isinstance(body, dict):  # read_json's (status, reason), or not an object at all
-        return body if isinstance(body, tuple) else (400, "the request body must be a JSON object")
-    if body.get("model") not in (None, name):
-        return (
-            404,
-            f"The model `{_short(body.get('model'))}` does not exist (this server has `{name}`).",
-        )
+    if refused := _refuse_body_or_model(body, name, null_model=True):
+        return refused
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(
         isinstance(t, int) and not isinstance(t, bool) for t in tokens
@@ -158,13 +160,8 @@ def check_detokenize(body, name, vocab: int):
 
 def check_completions(body, name, scorer, max_logprobs, max_rows):
     """(status, reason) for a request this server cannot answer, else None."""
-    if not isinstance(body, dict):  # read_json's (status, reason), or not an object at all
-        return body if isinstance(body, tuple) else (400, "the request body must be a JSON object")
-    if body.get("model", name) != name:
-        return (
-            404,
-            f"The model `{_short(body.get('model'))}` does not exist (this server has `{name}`).",
-        )
+    if refused := _refuse_body_or_model(body, name, null_model=False):
+        return refused
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (
         isinstance(prompt, list) and prompt and isinstance(prompt[0], str)
