@@ -172,11 +172,13 @@ def test_bad_bodies_are_4xx_and_the_connection_stays_open(scorer):
 # ---- the queue --------------------------------------------------------------------------
 
 
-def _slow(scorer, seconds: float) -> TeacherScorer:
+def _slow(scorer, seconds: float, started: threading.Event | None = None) -> TeacherScorer:
     slow = TeacherScorer(scorer.model, scorer.tokenizer)
     plain = slow.score
 
     def score(rows, ks):
+        if started is not None:
+            started.set()
         time.sleep(seconds)
         return plain(rows, ks)
 
@@ -210,15 +212,20 @@ def _rollouts(tok, n: int) -> Rollouts:
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_the_client_gets_every_answer(scorer, tok):
-    app = create_app(_slow(scorer, 0.15), max_queue=1)
+    started = threading.Event()
+    app = create_app(_slow(scorer, 0.15, started), max_queue=1)
     with serving(app) as url:
         results: list[httpx.Response] = []
 
         def post():
             results.append(httpx.post(f"{url}/completions", json=OK, timeout=30))
 
+        # The first request is being scored before the others arrive, so the queue's one place
+        # is free for one of them (else which request counts as waiting is a race).
         threads = [threading.Thread(target=post) for _ in range(6)]
-        for t in threads:
+        threads[0].start()
+        assert started.wait(30)
+        for t in threads[1:]:
             t.start()
         for t in threads:
             t.join()
