@@ -299,14 +299,21 @@ def test_missing_model_folder_and_non_model_folder(models, prompts_file, tmp_pat
     assert_one_line_error(*call(args, capsys), "not a Hugging Face model folder")
 
 
-def test_tokenizers_that_differ_are_refused(models, prompts_file, tmp_path, capsys):
+def test_tokenizers_that_differ_are_refused_for_losses_that_compare_vocabularies(
+    models, prompts_file, tmp_path, capsys
+):
     other_tok = tiny.char_tokenizer(chars=tiny.CHARS + "#")
     other = tiny.save(
         tiny.tiny_model(other_tok, hidden=32, layers=1), other_tok, tmp_path / "other"
     )
     args = distill_args(models, prompts_file, tmp_path / "out")
     args[args.index("--teacher") + 1] = str(other)
-    assert_one_line_error(*call(args, capsys), "tokenizers differ")
+    assert_one_line_error(
+        *call(args + ["--loss", "topk"], capsys),
+        "teacher [default] has another tokenizer than the student's (student has 55 tokens, "
+        "teacher has 56), and objective.loss='topk' compares vocabularies",
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_padded_teacher_embeddings_are_accepted(models, prompts_file, tmp_path, capsys):

@@ -237,3 +237,51 @@ def test_a_student_with_other_ids_of_the_same_size_is_refused_through_vllm(
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"opd: error: teacher {url}: {differ}"
     assert "Traceback" not in r.stderr and not (out / "metrics.jsonl").exists()
+
+
+def test_a_student_of_another_tokenizer_distils_through_vllm(teacher, tmp_path):
+    """Across tokenizers through vLLM: a byte-pair student, the served character-level teacher
+    named by model.teacher_tokenizer; vLLM scores the teacher's own ids of each completion's
+    text, and the first step's KL is the in-process cross-tokenizer run's."""
+    import json
+
+    from .conftest import write_jsonl
+    from .test_cli import run_cli
+
+    _, _, url = teacher
+    bpe = tiny.bpe_tokenizer([w + "=" + w[::-1] for w in words(200)], vocab_size=96)
+    student = tiny.save(tiny.tiny_model(bpe, hidden=32, layers=2, seed=1), bpe, tmp_path / "s")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": w + "="} for w in words(32)])
+
+    def first_step(teacher_spec, out, *extra):
+        args = ["distill", "--student", str(student), "--teacher", teacher_spec]
+        args += ["--prompts", str(prompts), "--out", str(out), "--steps", "1"]
+        args += ["--batch-prompts", "4", "--group-size", "2", "--max-new-tokens", "8", *extra]
+        r = run_cli(args)
+        assert r.returncode == 0, r.stderr
+        return r, json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+    tok_dir = f"model.teacher_tokenizer={SERVED['path']}"
+    r, served = first_step(url, tmp_path / "served", tok_dir)
+    assert "scoring across tokenizers" in r.stderr and "tokenizer checked" in r.stderr
+    _, local = first_step(str(SERVED["path"]), tmp_path / "local")
+    assert served["teacher/kl"] == pytest.approx(local["teacher/kl"], abs=1e-4)
+
+
+def test_whole_vocabulary_losses_through_vllm_are_refused_with_what_to_do(
+    teacher, student_setup, tmp_path
+):
+    """vLLM returns at most each position's top-k: objective.loss=full needs opd serve-teacher
+    or an in-process teacher, said in one line before anything is written."""
+    from .test_cli import run_cli
+
+    _, _, url = teacher
+    student, prompts, _ = student_setup
+    out = tmp_path / "run"
+    r = run_cli(["distill", "--student", str(student), "--teacher", url, "--prompts",
+                 str(prompts), "--out", str(out), "--steps", "1", "--loss", "full"])  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"opd: error: teacher {url}: objective.loss='full' needs"), last
+    assert "HTTP 404" in last and "opd serve-teacher" in last, last
+    assert "Traceback" not in r.stderr and not out.exists()

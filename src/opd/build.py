@@ -8,7 +8,6 @@ is touched.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,21 +26,18 @@ from opd.guard import WEIGHT_BOUND, SkipCount, weight_bound
 from opd.losses import Objective, objective_for, uses_rewards
 from opd.models import (
     add_lora,
-    check_compatible,
     check_head_config,
     load_model,
     load_tokenizer,
-    output_vocab,
 )
 from opd.rewards import answer_rewards
 from opd.samplers import Sampler, make_sampler
 from opd.samplers.autocast import AutocastSampler
 from opd.samplers.dataset import DatasetSampler
 from opd.score import Scorer
+from opd.setup_teachers import context_length, load_teachers, teacher_backend
 from opd.teachers import DEFAULT, TeacherRouter, is_url, teacher_specs
-from opd.teachers.local import LocalTeacher
-from opd.teachers.served import ServedTeacher
-from opd.teachers.tokenizer_check import require_same_tokenizer
+from opd.teachers.view import CONTEXT_FIELDS
 
 
 @dataclass
@@ -112,18 +108,13 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     torch.manual_seed(cfg.run.seed)
     tokenizer = load_tokenizer(m.student, "model.student")
     student = load_model(m.student, m.dtype, ctx.device, "model.student")
-    teachers, vocab_size = load_teachers(cfg, objective, tokenizer, student, ctx)
+    teachers, vocab_size, cross = load_teachers(cfg, objective, tokenizer, student, ctx)
     local = {name: t for name, t in teachers.items() if isinstance(t, torch.nn.Module)}
     sft_teacher = None if on_policy else local.get(DEFAULT)  # SFT on the teacher's samples
     if not on_policy and m.teacher and sft_teacher is None:
         raise OpdError(
             f"model.teacher={m.teacher!r}: objective.kind=sft samples from the teacher, "
             "which needs a local model folder"
-        )
-    if objective.teacher == "logits" and len(local) < len(teachers):
-        raise OpdError(
-            f"objective.loss={o.loss!r} needs every teacher in-process (full "
-            "logits); served teachers support 'sampled' and 'topk'"
         )
     limits = [n for n in map(context_length, [student, *local.values()]) if n]
     # a served teacher must also fit the whole row plus the one token vLLM insists on making
@@ -152,14 +143,10 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     )
     router = None
     if objective.teacher:
-        r = cfg.run
+        context = any(f in p.row for p in prompts for f in CONTEXT_FIELDS)
         router = TeacherRouter(
-            {
-                name: LocalTeacher(
-                    t, vocab_size, r.micro_batch_size, o.chunk_tokens, r.autocast, r.fast_paths
-                ) if name in local else t
-                for name, t in teachers.items()
-            }
+            {name: teacher_backend(cfg, name, t, local, cross, tokenizer, vocab_size, context,
+                                   prompts) for name, t in teachers.items()}
         )  # fmt: skip
     reward = None
     if uses_rewards(o):
@@ -239,41 +226,6 @@ def sampler_choice(sampler, model, cfg: Config) -> str:
     return f"hf (the model's own forward; the KV-cache loop does not support {kv_supported(model)})"
 
 
-def load_teachers(cfg: Config, objective: Objective, tokenizer, student, ctx: DistContext):
-    """{name: local model or ServedTeacher} and the vocabulary size every log-prob is cut to:
-    every teacher when the objective scores with one, the default one when it samples from it
-    (SFT), none otherwise (RL)."""
-    m, r = cfg.model, cfg.remote
-    vocab_size = min(len(tokenizer), output_vocab(student))
-    api_key = m.teacher_api_key or os.environ.get("OPD_TEACHER_API_KEY", "")
-    teachers = {}
-    specs = teacher_specs(m.teacher, m.teachers)
-    if not objective.teacher:
-        specs = {DEFAULT: m.teacher} if objective.samples == "teacher" and m.teacher else {}
-    for name, spec in specs.items():
-        what = "model.teacher" if name == DEFAULT else f"model.teachers[{name}]"
-        if is_url(spec):
-            teachers[name] = ServedTeacher(
-                spec,
-                m.teacher_model if name == DEFAULT else "",
-                api_key,
-                r.api,
-                r.timeout,
-                r.retries,
-                r.backoff,
-                r.concurrency,
-                r.batch_rows,
-            )
-            # before step 1 whatever run.preflight says: does it read the student's ids alike?
-            require_same_tokenizer(teachers[name], tokenizer, r.trust_tokenizer, ctx.is_main)
-            continue
-        teacher_tok = load_tokenizer(spec, what)
-        model = load_model(spec, m.teacher_dtype, ctx.device, what)
-        vocab_size = min(vocab_size, check_compatible(tokenizer, teacher_tok, student, model))
-        teachers[name] = model
-    return teachers, vocab_size
-
-
 def check_prompts(prompts: list[Prompt], objective: Objective, teachers: dict, settings) -> None:
     """Every row's teacher is configured; every row has an answer when rewards are used."""
     for prompt in prompts:
@@ -289,10 +241,6 @@ def check_prompts(prompts: list[Prompt], objective: Objective, teachers: dict, s
                 f"{prompt.where}: no 'answer' to reward (objective.kind={settings.kind!r}, "
                 f"objective.reward_coef={settings.reward_coef})"
             )
-
-
-def context_length(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
 
 
 def eval_tokens(cfg: Config) -> int:

@@ -31,8 +31,11 @@ class ModelConfig:
     student: str = _f("", "Student model: a local Hugging Face folder (weights + tokenizer).")
     teacher: str = _f(
         "",
-        "Teacher: a local Hugging Face folder with the same tokenizer, or a server's URL "
-        "(http://HOST:PORT/v1: vLLM, SGLang, `opd serve-teacher`).",
+        "Teacher: a local Hugging Face folder (another tokenizer than the student's is scored "
+        "across tokenizers), or a server's URL (http://HOST:PORT/v1: vLLM, SGLang, opd's).",
+    )
+    teacher_tokenizer: str = _f(
+        "", "A served teacher's tokenizer folder, when not the student's ('name=DIR,...')."
     )
     teacher_model: str = _f(
         "", "Served teacher's model name; empty asks the server (when it serves exactly one)."
@@ -113,7 +116,7 @@ class ObjectiveConfig:
         "'sampled': policy gradient on the sampled tokens' reverse KL (the blog's); 'topk': "
         "reverse KL over the teacher's top-k tokens plus a tail bucket; 'full': full-vocabulary "
         "reverse KL; 'jsd': generalized JSD (objective.jsd_beta). 'full'/'jsd' need "
-        "in-process teachers.",
+        "in-process teachers or opd serve-teacher.",
     )
     topk: int = _f(20, "k for objective.loss='topk' (a served teacher must allow it).")
     jsd_beta: float = _f(
@@ -161,9 +164,9 @@ class RemoteConfig:
     batch_rows: int = _f(16, "Sequences per scoring request.")
     trust_tokenizer: bool = _f(
         False,
-        "Train with a served teacher whose tokenizer cannot be checked (a server without POST "
-        "/tokenize and /detokenize), taking it to be the student's; a teacher that reads the "
-        "student's ids as other tokens then trains silently. A checked tokenizer that differs "
+        "Train with a served teacher whose tokenizer cannot be checked (no POST /tokenize and "
+        "/detokenize), taking it to be the student's (or model.teacher_tokenizer's): one that "
+        "reads those ids as other tokens then trains silently. A checked tokenizer that differs "
         "stops the run either way.",
     )
 
@@ -415,8 +418,7 @@ def validate(cfg: Config) -> None:
             _check(bool(value), key, value, "set (it has no default)")
 
 
-# The keys with no default, each with the objective kinds whose runs need it set; `validate`
-# rejects an empty value for those kinds, and the help texts mark them required from this.
+# Keys with no default, and the objective kinds that need them set (validate, fields_help).
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "model.student": ("opd", "sft", "rl"),
     "data.prompts": ("opd", "sft", "rl"),

@@ -1,7 +1,8 @@
 """Prompts: JSONL reading with line-numbered errors, chat templates, encoding, a seeded stream.
 
 A row is `{"prompt": str}` or `{"messages": [{"role": ..., "content": ...}, ...]}`, optionally
-with `"answer"` (a string or a number); every other field is kept as metadata. Blank lines are
+with `"answer"` (a string or a number) and what only the teacher reads (`"teacher_prompt"`, a
+string, or `"teacher_messages"`, teachers/view.py); every other field is kept as metadata. Blank lines are
 skipped. Each field opd reads is checked for its type and for valid Unicode as the line is read.
 """
 
@@ -90,15 +91,17 @@ def parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
 def check_row(row: dict[str, Any], where: str) -> None:
     """The fields opd reads have the types it reads them as, and their text is valid Unicode."""
     texts = []  # (field, value) of every string opd encodes or compares
-    for name in ("prompt", "completion", "teacher"):
+    for name in ("prompt", "completion", "teacher", "teacher_prompt"):
         if name in row:
             if not isinstance(row[name], str):
                 raise OpdError(
                     f"{where}: '{name}' must be a string, got {type(row[name]).__name__}"
                 )
             texts.append((name, row[name]))
-    if "messages" in row:
-        messages = row["messages"]
+    for key in ("messages", "teacher_messages"):
+        if key not in row:
+            continue
+        messages = row[key]
         ok = (
             isinstance(messages, list)
             and messages
@@ -109,10 +112,10 @@ def check_row(row: dict[str, Any], where: str) -> None:
         )
         if not ok:
             raise OpdError(
-                f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}"
+                f"{where}: '{key}' must be a non-empty list of {{'role': str, 'content': str}}"
             )
         for i, m in enumerate(messages):
-            texts += [(f"messages[{i}].role", m["role"]), (f"messages[{i}].content", m["content"])]
+            texts += [(f"{key}[{i}].role", m["role"]), (f"{key}[{i}].content", m["content"])]
     if "answer" in row:
         answer = row["answer"]
         number = isinstance(answer, (int, float)) and not isinstance(answer, bool)

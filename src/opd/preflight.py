@@ -27,7 +27,9 @@ from opd.stats import per_teacher_kl
 from opd.teachers import TeacherRouter
 from opd.teachers.local import LocalTeacher
 from opd.teachers.served import ServedTeacher, _detail
+from opd.teachers.served_vocab import ServedVocab
 from opd.teachers.tokenizer_check import LEFT_OPEN, TokenizerCheckFailed
+from opd.teachers.view import TeacherView
 
 SELF_KL_LIMIT = {"float32": 1e-3, "bfloat16": 5e-2}
 SELF_KL_OPEN = (
@@ -100,7 +102,10 @@ def start_kl(student_sampler, router: TeacherRouter, prompts, names: list[str]) 
     batch = student_sampler.sample(prompts, 2, torch.Generator(device=device).manual_seed(0))
     if not torch.isfinite(batch.sampler_lp_BT[batch.completion_mask_BT]).all():
         return {"student": math.nan}
-    batch = replace(batch, **router.fields(batch, router.names(batch, names), "sampled"))
+    prompts_B = [prompts[i] for i in batch.prompt_index_B.tolist()]
+    batch = replace(
+        batch, **router.fields(batch, router.names(batch, names), "sampled", 0, prompts_B)
+    )
     kl = per_teacher_kl(batch, sorted(router.teachers), DistContext())
     return {key.removeprefix("teacher/kl/"): value for key, value in kl.items()}
 
@@ -126,14 +131,19 @@ def run_preflight(run, n_prompts: int = 4) -> list[tuple[str, str, str]]:
     rows = []
     for name, teacher in run.teacher.teachers.items():
         label = f"teacher self-KL [{name}]"
+        # a TeacherView's teacher samples after its own prompt, in its own tokens
+        view = teacher if isinstance(teacher, TeacherView) else None
+        own = [replace(p, ids=view.prompt_ids(p)) for p in prompts] if view else prompts
+        teacher = backend_of(teacher)
         if isinstance(teacher, ServedTeacher):
-            value, why = self_kl_served(teacher, prompts, max_new)
+            value, why = self_kl_served(teacher, own, max_new)
             if value is None:
                 rows.append((label, "skipped", f"{why}; {SELF_KL_OPEN}"))
                 continue
             limit = SELF_KL_LIMIT["bfloat16"]  # servers often run reduced precision
         else:
-            value = self_kl_local(teacher.model, run.tokenizer, run.vocab_size, prompts, max_new)
+            tokenizer = view.tokenizer if view else run.tokenizer
+            value = self_kl_local(teacher.model, tokenizer, teacher.vocab_size, own, max_new)
             limit = SELF_KL_LIMIT[cfg.model.teacher_dtype]
         if not math.isfinite(value):
             rows.append((label, "FAIL", nonfinite_detail(value, f"teacher [{name}]'s")))
@@ -157,10 +167,17 @@ def run_preflight(run, n_prompts: int = 4) -> list[tuple[str, str, str]]:
     return rows
 
 
+def backend_of(teacher):
+    """The LocalTeacher or ServedTeacher inside a TeacherView or a ServedVocab."""
+    teacher = teacher.inner if isinstance(teacher, TeacherView) else teacher
+    return teacher.served if isinstance(teacher, ServedVocab) else teacher
+
+
 def served_tokenizer_rows(run) -> list[tuple[str, str, str]]:
     """What the set-up found when it asked each served teacher about its tokenizer."""
     rows = []
     for name, teacher in run.teacher.teachers.items():
+        teacher = backend_of(teacher)
         if isinstance(teacher, ServedTeacher) and teacher.tokenizer_check:
             status, detail = teacher.tokenizer_check
             if status == "skipped":
@@ -254,15 +271,21 @@ def _output_rows(path: str, what: str) -> int:
 
 
 def _static_checks(s_tok, t_tok, student: str, teacher: str, prompts: str):
-    from opd.data import read_jsonl
+    from opd.data import prompt_text, read_jsonl
     from opd.models import check_tokenizers
+    from opd.teachers.align import alignment_summary
 
     rows = []
     try:
         check_tokenizers(s_tok, t_tok)
         rows.append(("tokenizers", "ok", f"{len(s_tok)} tokens, same ids and special tokens"))
-    except OpdError as e:
-        rows.append(("tokenizers", "FAIL", str(e)))
+    except OpdError as e:  # another tokenizer: scored across tokenizers (teachers/view.py)
+        why = str(e).removeprefix("tokenizers differ: ")
+        rows.append(("tokenizers", "ok", f"another tokenizer ({why}): scored across tokenizers"))
+        rows_ = read_jsonl(prompts)[:64]
+        texts = [prompt_text(row, s_tok, f"{prompts}:{n}")[0] for n, row in rows_]
+        rows.append(("alignment", "ok", alignment_summary(s_tok, t_tok, texts)))
+        return rows  # each side renders its own prompts and reads only its own vocabulary
     if any("messages" in row for _, row in read_jsonl(prompts)):
         same = getattr(s_tok, "chat_template", None) == getattr(t_tok, "chat_template", None)
         rows.append(

@@ -32,7 +32,8 @@ class Scorer:
         fields = {}
         if self.teacher is not None:
             names_B = self.teacher.names(batch, [p.row.get("teacher", DEFAULT) for p in prompts])
-            fields |= self.teacher.fields(batch, names_B, self.output, self.topk)
+            prompts_B = [prompts[i] for i in batch.prompt_index_B.tolist()]
+            fields |= self.teacher.fields(batch, names_B, self.output, self.topk, prompts_B)
         if self.reward is not None:
             fields["rewards_B"] = self.reward(batch, prompts)
         return replace(batch, **fields)

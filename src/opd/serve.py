@@ -9,6 +9,10 @@ projects that score with vLLM):
   POST /detokenize ({"model", "tokens"} -> {"prompt"}), at the root as vLLM has them, so that a
   trainer can check this tokenizer against its own; GET /tokenizer_info adds its size and a hash
   (`opd_len`, `opd_sha256`);
+- POST /v1/opd/vocab_logprobs (opd's own; vLLM has no such call) with `prompt` = rows of ids,
+  `positions` = per row the j whose p(. | x_<j) is wanted, `token_ids` = null (the whole
+  vocabulary) or the ids wanted at each: float32 log-probs, zlib-compressed, shape in the
+  X-Opd-Shape header; what `objective.loss=full|jsd` read from a served teacher;
 - GET /v1/models and GET /health.
 Requests that arrive together are scored in one forward pass. Loopback only unless --host says
 otherwise; an optional bearer key; limits on rows, length and k answer 4xx with the reason, and so
@@ -21,6 +25,7 @@ import contextlib
 import math
 import time
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -33,6 +38,7 @@ from opd.serve_limits import (
     check_completions,
     check_detokenize,
     check_tokenize,
+    check_vocab_logprobs,
     default_max_body,
     one_line,
     read_json,
@@ -40,6 +46,7 @@ from opd.serve_limits import (
 from opd.teachers.tokenizer_check import tokenizer_sha256
 
 LOGITS_BUDGET = 2**25  # floats of (rows x tokens x vocab) logits held at once
+MAX_VOCAB_FLOATS = 2**26  # log-probs in one /v1/opd/vocab_logprobs answer (256 MB of float32)
 
 
 @dataclass
@@ -71,13 +78,8 @@ class TeacherScorer:
         return out
 
     def _score_part(self, rows, ks):
-        T = max(len(r) for r in rows)
-        ids_BT = torch.zeros(len(rows), T, dtype=torch.long)
-        mask_BT = torch.zeros(len(rows), T, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids_BT[b, : len(r)] = torch.tensor(r)
-            mask_BT[b, : len(r)] = 1
-        pos_BT = torch.arange(T).expand(len(rows), T)
+        ids_BT, mask_BT = _right_padded(rows)
+        pos_BT = torch.arange(ids_BT.shape[1]).expand(ids_BT.shape)
         logits_BTV = self.model(
             input_ids=ids_BT.to(self.device),
             attention_mask=mask_BT.to(self.device),
@@ -89,6 +91,31 @@ class TeacherScorer:
             lp_TV = torch.log_softmax(logits_BTV[b, : len(r), : self.vocab].float(), dim=-1)
             results.append((self._entries(lp_TV, r, k), int(lp_TV[-1].argmax())))
         return results
+
+    @torch.inference_mode()
+    def vocab_logprobs(self, rows, positions, wanted) -> torch.Tensor:
+        """(N, V) float32 log p(. | row[:j]) at every requested position j of every row, in
+        order, or (N, K) of the ids asked for at each position (`wanted`, else None)."""
+        out = []
+        step = max(1, LOGITS_BUDGET // max(max(len(r) for r in rows) * self.vocab, 1))
+        for start in range(0, len(rows), step):
+            part = rows[start : start + step]
+            ids_BT, mask_BT = _right_padded(part)
+            logits_BTV = self.model(
+                input_ids=ids_BT.to(self.device),
+                attention_mask=mask_BT.to(self.device),
+                position_ids=torch.arange(ids_BT.shape[1]).expand(ids_BT.shape).to(self.device),
+                use_cache=False,
+            ).logits
+            for b in range(len(part)):
+                i = start + b
+                at = torch.tensor(positions[i], dtype=torch.long, device=self.device) - 1
+                lp_nV = torch.log_softmax(logits_BTV[b, at, : self.vocab].float(), dim=-1)
+                if wanted is not None and len(positions[i]):
+                    ids = torch.tensor(wanted[i], dtype=torch.long, device=self.device)
+                    lp_nV = lp_nV.gather(-1, ids)
+                out.append(lp_nV.cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.vocab)
 
     def _entries(self, lp_TV: torch.Tensor, ids: list[int], k: int) -> list:
         n = len(ids)
@@ -116,6 +143,16 @@ class TeacherScorer:
         return {"logprob": lp, "rank": rank, "decoded_token": self.tokenizer.decode([tid])}
 
 
+def _right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids_BT = torch.zeros(len(rows), T, dtype=torch.long)
+    mask_BT = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids_BT[b, : len(r)] = torch.tensor(r)
+        mask_BT[b, : len(r)] = 1
+    return ids_BT, mask_BT
+
+
 def create_app(
     scorer: TeacherScorer,
     name: str = "teacher",
@@ -131,7 +168,7 @@ def create_app(
     running, past which a request is answered 429 with Retry-After."""
     try:
         from fastapi import FastAPI, Request
-        from fastapi.responses import JSONResponse
+        from fastapi.responses import JSONResponse, Response
     except ImportError:
         raise OpdError(
             "serve-teacher needs FastAPI and uvicorn: pip install 'opd[serve]'"
@@ -236,13 +273,44 @@ def create_app(
         tok = scorer.tokenizer
         return {"tokenizer_class": type(tok).__name__, "opd_len": len(tok), "opd_sha256": sha256}
 
+    def full_queue():
+        """A 429 past --max-queue waiting requests (before the body is read: a full queue
+        holds the memory), else None."""
+        if waiting < max_queue:
+            return None
+        after = max(1, math.ceil(forward_s * (1 + waiting / max(max_queue, 1))))
+        message = f"{waiting} requests are waiting (--max-queue={max_queue}); retry later"
+        return error(429, message, headers={"Retry-After": str(min(after, 60))})
+
+    @app.post("/v1/opd/vocab_logprobs")
+    async def vocab_logprobs(request: Request):
+        """opd's own: log-probs over the whole vocabulary (or of the ids asked for) at the
+        positions asked for, as float32 bytes (zlib), for the full-vocabulary losses."""
+        nonlocal waiting
+        if busy := full_queue():
+            return busy
+        waiting += 1
+        try:
+            body = await read_json(request, max_body)
+            problem = check_vocab_logprobs(body, name, scorer, max_rows, MAX_VOCAB_FLOATS)
+            if problem:
+                return error(*problem)
+            args = (body["prompt"], body["positions"], body.get("token_ids"))
+            lp_NK = await asyncio.get_running_loop().run_in_executor(
+                executor, scorer.vocab_logprobs, *args
+            )
+        finally:
+            waiting -= 1
+        data = zlib.compress(lp_NK.numpy().astype("<f4").tobytes(), 1)
+        shape = ",".join(map(str, lp_NK.shape))
+        headers = {"X-Opd-Shape": shape, "X-Opd-Encoding": "zlib-f32le"}
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         nonlocal waiting
-        if waiting >= max_queue:  # before the body is read: a full queue holds the memory
-            after = max(1, math.ceil(forward_s * (1 + waiting / max(max_queue, 1))))
-            message = f"{waiting} requests are waiting (--max-queue={max_queue}); retry later"
-            return error(429, message, headers={"Retry-After": str(min(after, 60))})
+        if busy := full_queue():
+            return busy
         waiting += 1
         queued = False
         try:

@@ -7,8 +7,8 @@ request body, and the shape of its JSON.
   a chunked body counted while it streams) -> the JSON object, or (status, one-line reason).
 - `parse_json`: bytes -> the JSON object, or (400, reason); nesting depth and number length are
   measured on the bytes before `json.loads` runs, so no input can recurse or parse for long.
-- `check_completions`, `check_tokenize`, `check_detokenize`: a parsed body -> None when the
-  server can answer it, else (status, reason).
+- `check_completions`, `check_vocab_logprobs`, `check_tokenize`, `check_detokenize`: a parsed
+  body -> None when the server can answer it, else (status, reason).
 Every reason is one line; no input raises.
 """
 
@@ -162,7 +162,31 @@ def check_completions(body, name, scorer, max_logprobs, max_rows):
     """(status, reason) for a request this server cannot answer, else None."""
     if refused := _refuse_body_or_model(body, name, null_model=False):
         return refused
-    prompt = body.get("prompt")
+    if problem := check_rows(body.get("prompt"), scorer, max_rows):
+        return problem
+    k = body.get("prompt_logprobs")
+    if k is None:
+        return (
+            400,
+            "this server only scores prompts: set prompt_logprobs (0 = the actual tokens only)",
+        )
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        return 400, f"prompt_logprobs={_short(k, quote=True)}: must be an integer >= 0"
+    if k > max_logprobs:
+        return 400, f"prompt_logprobs={k} exceeds this server's --max-logprobs={max_logprobs}"
+    if body.get("max_tokens", 1) not in (0, 1):
+        return (
+            400,
+            f"max_tokens={_short(body.get('max_tokens'), quote=True)}: this server scores prompts; use 0 or 1",
+        )
+    if body.get("stream"):
+        return 400, "stream is not supported"
+    return None
+
+
+def check_rows(prompt, scorer, max_rows):
+    """(status, reason) unless `prompt` is token ids (a list, or a list of lists) the model can
+    read: in its vocabulary and context, at most max_rows rows."""
     if isinstance(prompt, str) or (
         isinstance(prompt, list) and prompt and isinstance(prompt[0], str)
     ):
@@ -188,23 +212,54 @@ def check_completions(body, name, scorer, max_logprobs, max_rows):
                 400,
                 f"prompt[{i}] holds token id {_short(bad[0])} outside the vocabulary [0, {scorer.vocab})",
             )
-    k = body.get("prompt_logprobs")
-    if k is None:
+    return None
+
+
+def check_vocab_logprobs(body, name, scorer, max_rows, max_floats):
+    """/v1/opd/vocab_logprobs: rows of ids, the positions j (1 <= j <= len) whose next-token
+    distribution p(. | x_<j) is wanted, and optionally the ids wanted at each (else the whole
+    vocabulary); at most max_floats log-probs in the answer."""
+    if refused := _refuse_body_or_model(body, name, null_model=False):
+        return refused
+    rows = body.get("prompt")
+    if isinstance(rows, list) and rows and isinstance(rows[0], int):
+        return 400, "prompt must be a list of token-id lists (one per sequence)"
+    if problem := check_rows(rows, scorer, max_rows):
+        return problem
+    positions, wanted = body.get("positions"), body.get("token_ids")
+    if not isinstance(positions, list) or len(positions) != len(rows):
+        return 400, "positions must be a list with one list of positions per sequence"
+    if wanted is not None and (not isinstance(wanted, list) or len(wanted) != len(rows)):
+        return 400, "token_ids must be null (the whole vocabulary) or one list per sequence"
+    n = 0
+    for i, (row, pos) in enumerate(zip(rows, positions, strict=True)):
+        if not isinstance(pos, list) or not all(
+            isinstance(j, int) and not isinstance(j, bool) and 1 <= j <= len(row) for j in pos
+        ):
+            return (
+                400,
+                f"positions[{i}] must be integers in [1, {len(row)}] (the sequence's length)",
+            )
+        if wanted is None:
+            n += len(pos) * scorer.vocab
+            continue
+        ids = wanted[i]
+        if not isinstance(ids, list) or len(ids) != len(pos):
+            return 400, f"token_ids[{i}] must hold one list of ids per position"
+        for got in ids:
+            if not isinstance(got, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < scorer.vocab
+                for t in got
+            ):
+                return 400, f"token_ids[{i}] holds a value that is not an id in [0, {scorer.vocab})"
+            if len(got) != len(ids[0]):
+                return 400, f"token_ids[{i}]: every position must ask for as many ids"
+            n += len(got)
+    if n > max_floats:
         return (
-            400,
-            "this server only scores prompts: set prompt_logprobs (0 = the actual tokens only)",
+            413,
+            f"{n} log-probs asked for in one request, more than {max_floats}; send fewer rows",
         )
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        return 400, f"prompt_logprobs={_short(k, quote=True)}: must be an integer >= 0"
-    if k > max_logprobs:
-        return 400, f"prompt_logprobs={k} exceeds this server's --max-logprobs={max_logprobs}"
-    if body.get("max_tokens", 1) not in (0, 1):
-        return (
-            400,
-            f"max_tokens={_short(body.get('max_tokens'), quote=True)}: this server scores prompts; use 0 or 1",
-        )
-    if body.get("stream"):
-        return 400, "stream is not supported"
     return None
 
 

@@ -37,6 +37,35 @@ def char_tokenizer(chars: str = CHARS, add_bos: bool = True):
     )
 
 
+def bpe_tokenizer(texts: list[str], vocab_size: int = 96, chars: str = CHARS):
+    """A byte-pair tokenizer trained here on `texts` (merges over the same characters): another
+    vocabulary than `char_tokenizer`'s, for cross-tokenizer teachers. <s> BOS is added, </s> is
+    EOS; a text is encoded whole (no pre-tokenizer), so merges may span spaces."""
+    from tokenizers import Tokenizer, decoders, models, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "</s>", "<s>", "<pad>"],  # other ids than char_tokenizer's
+        initial_alphabet=sorted(set(chars)),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
 def tiny_model(
     tokenizer,
     arch: str = "llama",

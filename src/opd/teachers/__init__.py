@@ -1,8 +1,9 @@
 """Teachers score sampled tokens: log p_teacher(x_t | prompt, x_<t) for every completion token.
 
 A backend is any object with a `score` method (and `score_topk` for the top-k loss; `logits`
-for the full-vocabulary losses, in-process only): the in-process `LocalTeacher` or the HTTP
-`ServedTeacher`. `TeacherRouter` holds one or more named teachers and sends each row to the
+for the full-vocabulary losses): the in-process `LocalTeacher`, the HTTP `ServedTeacher` (with
+`served_vocab.ServedVocab` for `logits`), or a `view.TeacherView` around either, which reads
+each row's own teacher prompt and its own tokenizer (the router passes it the rows' prompts). `TeacherRouter` holds one or more named teachers and sends each row to the
 teacher its prompt names (the row's "teacher" field).
 """
 
@@ -54,13 +55,14 @@ class TeacherRouter:
     def names(self, rollouts: Rollouts, prompt_names: list[str]) -> tuple[str, ...]:
         return tuple(prompt_names[i] for i in rollouts.prompt_index_B.tolist())
 
-    def fields(self, rollouts: Rollouts, names_B, output: str, k: int = 0) -> dict:
+    def fields(self, rollouts: Rollouts, names_B, output: str, k: int = 0, prompts_B=None) -> dict:
         """The Rollouts fields this teacher output adds: 'sampled' (the sampled tokens'
-        log-probs), 'topk' (and the top-k) or 'logits' (and the logits, in-process only)."""
+        log-probs), 'topk' (and the top-k) or 'logits' (and the logits).
+        prompts_B: each row's Prompt, for teachers that read their own prompt (view.py)."""
         out = {"teacher_B": tuple(names_B)}
         if output != "logits":
             lp_BT, ids_BTK, lp_BTK = self.score_topk(
-                rollouts, names_B, k if output == "topk" else 0
+                rollouts, names_B, k if output == "topk" else 0, prompts_B
             )
             out |= {"teacher_lp_BT": lp_BT}
             if output == "topk":
@@ -70,7 +72,11 @@ class TeacherRouter:
         lp_BT = torch.zeros(rollouts.tokens_BT.shape, device=device)
         parts = []  # (rows of this teacher, its logits function over its own rows)
         for name, rows in self.groups(names_B).items():
-            fn, lp_rows_BT = self.teachers[name].logits(rollouts.select(rows))
+            teacher = self.teachers[name]
+            args = (rollouts.select(rows),)
+            if getattr(teacher, "takes_prompts", False):
+                args += ([prompts_B[i] for i in rows.tolist()],)
+            fn, lp_rows_BT = teacher.logits(*args)
             lp_BT[rows.to(device)] = lp_rows_BT.to(device)
             parts.append((rows, fn))
         return out | {"teacher_lp_BT": lp_BT, "teacher_logits": routed_logits(parts, B)}
@@ -82,22 +88,23 @@ class TeacherRouter:
             out.setdefault(name, []).append(b)
         return {name: torch.tensor(rows) for name, rows in sorted(out.items())}
 
-    def score(self, rollouts: Rollouts, names_B: list[str] | None = None) -> torch.Tensor:
-        return self.score_topk(rollouts, names_B, 0)[0]
+    def score(self, rollouts: Rollouts, names_B: list[str] | None = None, prompts_B=None):
+        return self.score_topk(rollouts, names_B, 0, prompts_B)[0]
 
-    def score_topk(self, rollouts: Rollouts, names_B: list[str] | None, k: int):
+    def score_topk(self, rollouts: Rollouts, names_B: list[str] | None, k: int, prompts_B=None):
         """Each row scored by its teacher; names_B None sends every row to the default one."""
         groups = self.groups(names_B or [DEFAULT] * rollouts.num_rows)
         if len(groups) == 1:
             (name,) = groups
-            return self._call(self.teachers[name], rollouts, k)
+            return self._call(self.teachers[name], rollouts, k, prompts_B)
         B, T = rollouts.tokens_BT.shape
         device = rollouts.tokens_BT.device
         lp_BT = torch.zeros(B, T, device=device)
         ids_BTK = torch.full((B, T, k + 1), -1, dtype=torch.long, device=device) if k else None
         lpk_BTK = torch.full((B, T, k + 1), -torch.inf, device=device) if k else None
         for name, rows in groups.items():
-            lp, ids, lpk = self._call(self.teachers[name], rollouts.select(rows), k)
+            mine = [prompts_B[i] for i in rows.tolist()] if prompts_B is not None else None
+            lp, ids, lpk = self._call(self.teachers[name], rollouts.select(rows), k, mine)
             rows = rows.to(device)
             lp_BT[rows] = lp.to(device)
             if k:
@@ -106,7 +113,11 @@ class TeacherRouter:
         return lp_BT, ids_BTK, lpk_BTK
 
     @staticmethod
-    def _call(teacher, rollouts, k):
+    def _call(teacher, rollouts, k, prompts_B):
+        if getattr(teacher, "takes_prompts", False):  # a TeacherView: its own prompt, tokens
+            if prompts_B is None:
+                raise OpdError("a teacher that reads its own prompt was called without prompts")
+            return teacher.score_topk(rollouts, k, prompts_B)
         if k:
             return teacher.score_topk(rollouts, k)
         return teacher.score(rollouts), None, None

@@ -80,6 +80,7 @@ class ServedTeacher:
             raise OpdError(f"teacher URL {url!r} is not valid ({e})") from None
         self.max_len = None  # the server's context, when it says
         self.tokenizer_check = None  # (status, detail) once checked (teachers.tokenizer_check)
+        self.bytes_received = 0  # response bodies, for measuring what scoring moves
         self.api = api
         self.retries = retries
         self.backoff = backoff
@@ -191,9 +192,12 @@ class ServedTeacher:
         }
         return self._call("POST", f"{self.url}/completions", payload, "scoring", rows, k, stop)
 
-    def _call(self, method, url, payload, what, rows=None, k=0, stop=None, refusals=False):
-        """The parsed answer (or body); with `refusals`, a 4xx other than 401/403 (or a 501)
-        comes back as a Refused instead of stopping the run.
+    def _call(
+        self, method, url, payload, what, rows=None, k=0, stop=None, refusals=False, decode=None
+    ):
+        """The parsed answer (or body; or `decode(response)`, a malformed one raising); with
+        `refusals`, a 4xx other than 401/403 (or a 501) comes back as a Refused instead of
+        stopping the run.
 
         A 429 (the server is busy: come back later) is not a failure: it is tried again without
         using up a retry for as long as every try could have timed out, (retries + 1) x timeout;
@@ -205,7 +209,7 @@ class ServedTeacher:
         while True:
             if stop.is_set():  # a sibling request failed for good: the step is over
                 raise OpdError(f"teacher {self.url}: {what} stopped; another request failed")
-            outcome = self._try(method, url, payload, rows, k, refusals, cap)
+            outcome = self._try(method, url, payload, rows, k, refusals, cap, decode)
             if not isinstance(outcome, _Again):
                 return outcome
             wait = outcome.asked
@@ -222,7 +226,7 @@ class ServedTeacher:
                 wait += self.rng.uniform(0, self.backoff)
             stop.wait(wait)
 
-    def _try(self, method, url, payload, rows, k, refusals, cap):
+    def _try(self, method, url, payload, rows, k, refusals, cap, decode=None):
         """One request: the answer, a Refused, an _Again (to be retried), or OpdError."""
         try:
             response = self.client.request(method, url, json=payload)
@@ -237,7 +241,10 @@ class ServedTeacher:
             return _Again(code, f"HTTP {code}: {_detail(response)}", _retry_after(response, cap))
         if code >= 400:
             raise OpdError(_client_error(self.url, response, k))
+        self.bytes_received += len(response.content)
         try:
+            if decode is not None:
+                return decode(response)
             body = response.json()
             return body if rows is None else self._parse(body, rows, k)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, _Retryable) as e:
