@@ -470,6 +470,7 @@ def test_help_marks_only_the_keys_validate_requires_as_required(command, capsys,
 
 @pytest.mark.parametrize("kind", ["opd", "sft", "rl"])
 def test_required_keys_are_exactly_what_validate_rejects_when_empty(kind):
+    from opd import cli as cli_mod
     from opd import config as config_mod
     from opd.errors import OpdError
 
@@ -479,7 +480,7 @@ def test_required_keys_are_exactly_what_validate_rejects_when_empty(kind):
     for key in need:
         with pytest.raises(OpdError, match=key):
             config_mod.build_config(None, {**flags, key: "", "objective.kind": kind}, [])
-    text = config_mod.fields_help(kind)
+    text = cli_mod.fields_help(kind)
     for line in text.splitlines()[1:]:
         key = line.strip().split(" ", 1)[0]
         if not key.startswith("["):

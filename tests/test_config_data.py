@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from opd import tiny
-from opd.config import Config, build_config, fields_help, from_dict, to_dict
+from opd.cli import fields_help
+from opd.config import Config, build_config, from_dict, to_dict
 from opd.data import encode_row, load_prompts, step_indices
 from opd.errors import OpdError
 

@@ -394,8 +394,10 @@ def test_unsupported_models_fall_back_to_hf_sampler(tok):
         make_sampler(model, tok, len(tok), 4, backend="kv")
     with pytest.raises(OpdError, match="gpt2"):
         KVCacheSampler(model, tok.pad_token_id, [tok.eos_token_id], len(tok), 4)
+    # a run's engine samples for training (build.py); evaluation and checks sample in process
+    assert isinstance(make_sampler(model, tok, len(tok), 4, backend="vllm"), HFSampler)
     with pytest.raises(OpdError, match="'auto', 'kv' or 'hf'"):
-        make_sampler(model, tok, len(tok), 4, backend="vllm")
+        make_sampler(model, tok, len(tok), 4, backend="fast")
     llama = model_for(tok, "llama")
     assert isinstance(make_sampler(llama, tok, len(tok), 4), KVCacheSampler)
     assert isinstance(make_sampler(llama, tok, len(tok), 4, backend="kv"), KVCacheSampler)
@@ -483,7 +485,9 @@ def test_unknown_backend_is_a_config_error():
             "sampling.backend": "fast",
         },
     )
-    with pytest.raises(OpdError, match="sampling.backend='fast': must be 'auto', 'kv' or 'hf'"):
+    with pytest.raises(
+        OpdError, match="sampling.backend='fast': must be 'auto', 'kv', 'hf' or 'vllm'"
+    ):
         validate(cfg)
 
 

@@ -106,3 +106,22 @@ def test_lr_schedule():
     assert lr_at(0, 1.0, 0, 10, "cosine") == pytest.approx(1.0)
     assert lr_at(5, 1.0, 0, 10, "cosine") == pytest.approx(0.5)
     assert lr_at(10, 1.0, 0, 10, "cosine", min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_truncated_importance_sampling_caps_each_tokens_weight_and_its_gradient():
+    from opd.objectives import policy_gradient_loss
+
+    sampler = torch.tensor([[-2.0, -1.0, -3.0]])
+    train = torch.tensor([[-1.0, -1.2, -3.0]], requires_grad=True)  # ratios e^1, e^-0.2, 1
+    adv = torch.tensor([[0.5, -1.0, 2.0]])
+    mask = torch.ones_like(adv, dtype=torch.bool)
+    loss, _ = policy_gradient_loss(train, sampler, adv, mask, 3, tis_cap=2.0)
+    loss.backward()
+    r = torch.exp(train.detach() - sampler)
+    w = torch.clamp(r, max=2.0)  # e^1 = 2.72 is cut to 2; the others keep their ratio
+    assert loss.item() == pytest.approx(-(w * adv).sum().item() / 3)
+    torch.testing.assert_close(train.grad, -(w * adv) / 3)  # d/dlp of r A is r A; capped: w A
+    plain = train.detach().clone().requires_grad_(True)
+    policy_gradient_loss(plain, sampler, adv, mask, 3)[0].backward()
+    torch.testing.assert_close(plain.grad[:, 1:], train.grad[:, 1:])  # under the cap: the same
+    assert not torch.allclose(plain.grad[:, :1], train.grad[:, :1])

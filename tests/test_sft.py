@@ -154,7 +154,7 @@ def test_rows_completions_come_on_the_runs_device(models, tmp_path):
     tok = load_tokenizer(str(models["student"]), "model.student")
     prompts, _ = load_prompts(str(data), tok, max_completion_tokens=8)
     ctx = DistContext(device=torch.device("meta"))
-    sampler, _ = make_token_source(cfg, ctx, tok, len(tok), None, None, from_data=True)
+    sampler, _ = make_token_source(cfg, ctx, tok, len(tok), None, None, True, None)
     batch = sampler.sample(prompts[:4], 1, torch.Generator())
     for name, value in vars(batch).items():
         if torch.is_tensor(value):

@@ -24,16 +24,13 @@ from opd.fast.llama import kv_supported
 from opd.flops import Ledger, ModelShape, model_shape
 from opd.guard import WEIGHT_BOUND, SkipCount, weight_bound
 from opd.losses import Objective, objective_for, uses_rewards
-from opd.models import (
-    add_lora,
-    check_head_config,
-    load_model,
-    load_tokenizer,
-)
+from opd.models import add_lora, check_head_config, load_model, load_tokenizer, stop_token_ids
 from opd.rewards import answer_rewards
 from opd.samplers import Sampler, make_sampler
 from opd.samplers.autocast import AutocastSampler
 from opd.samplers.dataset import DatasetSampler
+from opd.samplers.prefetch import Prefetch
+from opd.samplers.vllm import start_vllm_sampler
 from opd.score import Scorer
 from opd.setup_teachers import context_length, load_teachers, teacher_backend
 from opd.teachers import DEFAULT, TeacherRouter, is_url, teacher_specs
@@ -138,9 +135,6 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
         student = add_lora(student, m.lora_rank, m.lora_alpha, m.lora_target_modules)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
-    sampler, sampler_said = make_token_source(
-        cfg, ctx, tokenizer, vocab_size, student, sft_teacher, from_data
-    )
     router = None
     if objective.teacher:
         context = any(f in p.row for p in prompts for f in CONTEXT_FIELDS)
@@ -152,6 +146,10 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
     if uses_rewards(o):
         extract = get_extractor(o.extractor)
         reward = functools.partial(answer_rewards, tokenizer=tokenizer, extract=extract)
+    # last: a vLLM engine takes tens of seconds to start, and every check above comes first
+    sampler, sampler_said = make_token_source(
+        cfg, ctx, tokenizer, vocab_size, student, sft_teacher, from_data, prompts
+    )
     student_shape = model_shape(student)
     sampling_shape = None
     if sft_teacher is not None:
@@ -191,7 +189,7 @@ def make_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     )
 
 
-def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, from_data):
+def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, from_data, prompts):
     """The student itself (on-policy, rl), the teacher (SFT on its samples) or the rows' own
     completions (SFT on data), every batch on the run's device; and which sampler it is, in
     words (`sampler_choice`)."""
@@ -205,6 +203,18 @@ def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, fro
             )
         return DatasetSampler(tokenizer.pad_token_id, ctx.device), "the rows' own completions"
     model = sft_teacher if sft_teacher is not None else student
+    if s.backend == "vllm":
+        check_vllm(cfg, ctx, sft_teacher)
+        longest = max(len(p.ids) for p in prompts) + s.max_new_tokens + 1
+        engine = start_vllm_sampler(
+            cfg, student, tokenizer, vocab_size, stop_token_ids(tokenizer, student), longest
+        )
+        where = "sampling.urls" if s.urls else "started by opd"
+        said = (
+            f"vllm ({len(engine.urls)} engine(s), {where}; weights every {s.sync_every} "
+            f"step(s), staleness <= {s.staleness})"
+        )
+        return Prefetch(engine, s.staleness), said
     sampler = make_sampler(
         model, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k,
         backend=s.backend, fast=cfg.run.fast_paths,
@@ -213,6 +223,14 @@ def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, fro
     if cfg.run.autocast != "none":
         sampler = AutocastSampler(sampler, ctx.device, cfg.run.autocast)
     return sampler, choice
+
+
+def check_vllm(cfg, ctx, sft_teacher) -> None:
+    """What sampling.backend=vllm does not do yet, each a one-line error."""
+    if sft_teacher is not None:
+        raise OpdError("sampling.backend=vllm samples the student (objective.kind=opd or rl)")
+    if ctx.world_size > 1:
+        raise OpdError("sampling.backend=vllm runs in one process (no torchrun) for now")
 
 
 def sampler_choice(sampler, model, cfg: Config) -> str:

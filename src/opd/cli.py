@@ -49,6 +49,29 @@ def _field(key: str) -> dataclasses.Field:
     return {f.name: f for f in dataclasses.fields(cls)}[name]
 
 
+def fields_help(kind: str | None = None) -> str:
+    """Every config key with its type, default and help, for `--help`.
+
+    A key in config_mod.REQUIRED_KEYS shows as required (for `kind`'s runs only, when given); every other
+    key shows its default, '' included (an empty string is a value: the help says what it does).
+    """
+    lines = [
+        "config keys (set in --config FILE.toml as [section] tables, or as section.field=value):"
+    ]
+    for section, cls in config_mod._SECTION_TYPES.items():
+        lines.append(f"  [{section}]")
+        for f in dataclasses.fields(cls):
+            need = config_mod.REQUIRED_KEYS.get(f"{section}.{f.name}", ())
+            if kind is None and need and set(need) != {"opd", "sft", "rl"}:
+                default = f"(required for objective.kind={' or '.join(need)})"
+            elif kind in need or (kind is None and need):
+                default = "(required)"
+            else:  # TOML spelling: true/false, quoted strings
+                default = str(f.default).lower() if isinstance(f.default, bool) else repr(f.default)
+            lines.append(f"    {section}.{f.name} = {default}  ({f.type})  {f.metadata['help']}")
+    return "\n".join(lines)
+
+
 # subcommand -> the objective.kind it runs (which decides the keys it requires)
 KINDS = {"distill": "opd", "sft": "sft", "rl": "rl"}
 
@@ -56,7 +79,7 @@ KINDS = {"distill": "opd", "sft": "sft", "rl": "rl"}
 def _distill_epilog(kind: str) -> str:
     flagged = set(FLAGS.values())
     lines = ["other config keys (as section.field=value, or [section] tables in --config):"]
-    for line in config_mod.fields_help(kind).splitlines()[1:]:
+    for line in fields_help(kind).splitlines()[1:]:
         key = line.strip().split(" ", 1)[0]
         if key.startswith("[") or key not in flagged:
             lines.append(line)

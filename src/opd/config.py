@@ -84,7 +84,16 @@ class SamplingConfig:
     backend: str = _f(
         "auto",
         "In-process sampler: 'kv' (preallocated KV cache; Llama, Qwen2, Qwen3, Mistral), 'hf' "
-        "(the model's own forward and cache, any model) or 'auto' (kv where supported, else hf).",
+        "(the model's own forward and cache, any model) or 'auto' (kv where supported, else hf); "
+        "'vllm': a vLLM engine that follows the student's weights (opd starts it, or sampling.urls).",
+    )
+    urls: str = _f(
+        "",
+        "sampling.backend=vllm: running engines, 'http://HOST:PORT/v1,...' (empty: opd starts one).",
+    )
+    sync_every: int = _f(1, "sampling.backend=vllm: send the student's weights every N steps.")
+    staleness: int = _f(
+        0, "sampling.backend=vllm: 1 samples step k+1 while step k trains (one-step-off); 0 not."
     )
 
 
@@ -129,6 +138,9 @@ class ObjectiveConfig:
     )
     clip_ratio: float = _f(
         0.0, "PPO-style clip of the importance ratio to [1-c, 1+c]; 0 turns clipping off."
+    )
+    tis_cap: float = _f(
+        0.0, "Truncated importance sampling: each token's ratio weighs at most this; 0 = off."
     )
 
 
@@ -345,7 +357,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.teacher_dtype": ("float32", "bfloat16"),
     "data.overlong": ("error", "skip"),
     "data.unknown_chars": ("error", "unk"),
-    "sampling.backend": ("auto", "kv", "hf"),
+    "sampling.backend": ("auto", "kv", "hf", "vllm"),
     "objective.kind": ("opd", "sft", "rl"),
     "objective.loss": ("sampled", "topk", "full", "jsd"),
     "optim.schedule": ("constant", "cosine"),
@@ -371,9 +383,14 @@ def validate(cfg: Config) -> None:
     _check(s.temperature > 0, "sampling.temperature", s.temperature, "> 0")
     _check(0 < s.top_p <= 1, "sampling.top_p", s.top_p, "in (0, 1]")
     _check(s.top_k >= 0, "sampling.top_k", s.top_k, ">= 0")
+    _check(s.sync_every >= 1, "sampling.sync_every", s.sync_every, ">= 1")
+    _check(s.staleness in (0, 1), "sampling.staleness", s.staleness, "0 or 1")
+    vllm = "0 unless sampling.backend=vllm (an engine samples while the learner trains)"
+    _check(s.staleness == 0 or s.backend == "vllm", "sampling.staleness", s.staleness, vllm)
     _check(o.kl_coef >= 0, "objective.kl_coef", o.kl_coef, ">= 0")
     _check(0 <= o.discount <= 1, "objective.discount", o.discount, "in [0, 1]")
     _check(0 <= o.clip_ratio < 1, "objective.clip_ratio", o.clip_ratio, "in [0, 1)")
+    _check(o.tis_cap == 0 or o.tis_cap >= 1, "objective.tis_cap", o.tis_cap, "0 (off) or >= 1")
     _check(op.lr > 0, "optim.lr", op.lr, "> 0")
     _check(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, ">= 0")
     _check(0 <= op.beta1 < 1, "optim.beta1", op.beta1, "in [0, 1)")
@@ -425,26 +442,3 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "run.out": ("opd", "sft", "rl"),
     "model.teacher": ("opd",),  # sft without a teacher trains on the rows' 'completion' fields
 }
-
-
-def fields_help(kind: str | None = None) -> str:
-    """Every config key with its type, default and help, for `--help`.
-
-    A key in REQUIRED_KEYS shows as required (for `kind`'s runs only, when given); every other
-    key shows its default, '' included (an empty string is a value: the help says what it does).
-    """
-    lines = [
-        "config keys (set in --config FILE.toml as [section] tables, or as section.field=value):"
-    ]
-    for section, cls in _SECTION_TYPES.items():
-        lines.append(f"  [{section}]")
-        for f in dataclasses.fields(cls):
-            need = REQUIRED_KEYS.get(f"{section}.{f.name}", ())
-            if kind is None and need and set(need) != {"opd", "sft", "rl"}:
-                default = f"(required for objective.kind={' or '.join(need)})"
-            elif kind in need or (kind is None and need):
-                default = "(required)"
-            else:  # TOML spelling: true/false, quoted strings
-                default = str(f.default).lower() if isinstance(f.default, bool) else repr(f.default)
-            lines.append(f"    {section}.{f.name} = {default}  ({f.type})  {f.metadata['help']}")
-    return "\n".join(lines)

@@ -20,6 +20,7 @@ refused (`check_settings`), so no value is silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,12 +44,16 @@ class LossStats:
     loss: float = 0.0
     ratio_sum: float = 0.0
     ratio_max: float = 0.0
+    ratio_min: float = math.inf
+    gap_sum: float = 0.0  # sum of |lp_train - lp_sampler|: how far the sampler's numbers are
 
     def add(self, other: LossStats) -> LossStats:
         return LossStats(
             self.loss + other.loss,
             self.ratio_sum + other.ratio_sum,
             max(self.ratio_max, other.ratio_max),
+            min(self.ratio_min, other.ratio_min),
+            self.gap_sum + other.gap_sum,
         )
 
 
@@ -136,18 +141,21 @@ def token_backward(
 
 def policy_gradient(trainer: Trainer, mb: Rollouts, n_tokens: float) -> LossStats:
     """-sum_t exp(lp_train - lp_sampler) A_t / n_tokens (PPO-clipped with clip_ratio > 0)."""
-    mask_BT, clip = mb.completion_mask_BT, trainer.settings.clip_ratio
+    mask_BT, s = mb.completion_mask_BT, trainer.settings
     sampler_lp_N, adv_N = mb.sampler_lp_BT[mask_BT], mb.advantages_BT[mask_BT]
 
     def loss_of(lp_n: torch.Tensor, sl: slice) -> torch.Tensor:
         ones_n = torch.ones_like(lp_n, dtype=torch.bool)
-        return policy_gradient_loss(lp_n, sampler_lp_N[sl], adv_N[sl], ones_n, n_tokens, clip)[0]
+        return policy_gradient_loss(
+            lp_n, sampler_lp_N[sl], adv_N[sl], ones_n, n_tokens, s.clip_ratio, s.tis_cap
+        )[0]
 
     loss, lp_N = token_backward(trainer, mb, loss_of)
     ratio_N = torch.exp(lp_N - sampler_lp_N)
     if not ratio_N.numel():
         return LossStats(loss)
-    return LossStats(loss, ratio_N.sum().item(), ratio_N.max().item())
+    gap = (lp_N - sampler_lp_N).abs().sum().item()
+    return LossStats(loss, ratio_N.sum().item(), ratio_N.max().item(), ratio_N.min().item(), gap)
 
 
 def negative_log_likelihood(trainer: Trainer, mb: Rollouts, n_tokens: float) -> LossStats:
@@ -186,7 +194,7 @@ OBJECTIVES: dict[tuple[str, str], Objective] = {
         "sampled",
         kl_and_reward_advantages,
         policy_gradient,
-        ALWAYS | REWARD | {"kl_coef", "discount", "clip_ratio"},
+        ALWAYS | REWARD | {"kl_coef", "discount", "clip_ratio", "tis_cap"},
         importance_ratio=True,
     ),
     ("opd", "topk"): Objective(
@@ -201,7 +209,7 @@ OBJECTIVES: dict[tuple[str, str], Objective] = {
         "",
         reward_advantages,
         policy_gradient,
-        ALWAYS | {"reward_std", "extractor", "clip_ratio"},
+        ALWAYS | {"reward_std", "extractor", "clip_ratio", "tis_cap"},
         importance_ratio=True,
     ),
 }

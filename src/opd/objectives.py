@@ -66,12 +66,15 @@ def policy_gradient_loss(
     mask_BT: torch.Tensor,
     num_tokens: int | float,
     clip_ratio: float = 0.0,
+    tis_cap: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Importance-sampled policy-gradient loss, summed over masked tokens and divided by num_tokens.
 
     num_tokens is the completion-token count of the whole optimizer batch, not of this call's
     rows: summing the returned losses of all micro-batches then gives the batch mean.
-    With clip_ratio = c > 0 the PPO surrogate -min(r A, clip(r, 1-c, 1+c) A) is used.
+    With clip_ratio = c > 0 the PPO surrogate -min(r A, clip(r, 1-c, 1+c) A) is used. With
+    tis_cap = m > 0 (truncated importance sampling) each token weighs min(r, m) instead of r:
+    the value is -min(r, m) A and the gradient min(r, m) A grad log p (the cap is detached).
     Returns the loss and detached ratio statistics over the masked tokens.
     """
     zeros = torch.zeros_like(train_lp_BT)
@@ -79,7 +82,10 @@ def policy_gradient_loss(
     log_ratio_BT = torch.where(mask_BT, train_lp_BT - sampler_lp_BT.detach(), zeros)
     ratio_BT = torch.exp(log_ratio_BT)
     adv_BT = torch.where(mask_BT, advantages_BT.detach(), zeros)
-    surrogate_BT = ratio_BT * adv_BT
+    weight_BT = ratio_BT
+    if tis_cap > 0:  # min(r, m) in value, and r's gradient scaled to it
+        weight_BT = ratio_BT * (torch.clamp(ratio_BT, max=tis_cap) / ratio_BT).detach()
+    surrogate_BT = weight_BT * adv_BT
     if clip_ratio > 0:
         clipped_BT = torch.clamp(ratio_BT, 1 - clip_ratio, 1 + clip_ratio) * adv_BT
         surrogate_BT = torch.minimum(surrogate_BT, clipped_BT)

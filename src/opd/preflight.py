@@ -23,6 +23,7 @@ import torch
 from opd.distributed import DistContext
 from opd.errors import OpdError
 from opd.samplers import make_sampler
+from opd.samplers.vllm import VLLMSampler
 from opd.stats import per_teacher_kl
 from opd.teachers import TeacherRouter
 from opd.teachers.local import LocalTeacher
@@ -164,7 +165,26 @@ def run_preflight(run, n_prompts: int = 4) -> list[tuple[str, str, str]]:
         rows.append(
             (f"start KL [{name}]", "ok", f"student -> teacher reverse KL {kl:.4f} per token")
         )
+    engine = getattr(run.sampler, "sampler", None)  # sampling.backend=vllm: Prefetch(VLLMSampler)
+    if isinstance(engine, VLLMSampler):
+        rows.append(engine_row(engine, run, prompts))
     return rows
+
+
+def engine_row(engine: VLLMSampler, run, prompts) -> tuple[str, str, str]:
+    """The engine's own samples scored by the trainer: mean |lp_engine - lp_trainer| ~ 0 (its
+    first call brings the engine to the student's weights and checks the probe)."""
+    try:
+        batch = engine.sample(prompts, 2, torch.Generator().manual_seed(0))
+    except OpdError as e:
+        return "sampler [vllm]", "FAIL", str(e)
+    lp = LocalTeacher(run.student, run.vocab_size).score(batch)
+    m = batch.completion_mask_BT
+    gap = float((batch.sampler_lp_BT.to(lp.device) - lp)[m.to(lp.device)].abs().mean())
+    limit = SELF_KL_LIMIT[run.cfg.model.dtype]
+    status = "ok" if gap <= limit else "FAIL"
+    detail = f"mean |logp_engine - logp_trainer| = {gap:.2e} on its samples (limit {limit:g})"
+    return "sampler [vllm]", status, detail
 
 
 def backend_of(teacher):

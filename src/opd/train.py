@@ -32,6 +32,7 @@ from opd.memory import check_memory
 from opd.metrics import MetricsLogger
 from opd.objectives import lr_at
 from opd.samplers import make_sampler
+from opd.samplers.prefetch import Prefetch
 from opd.stats import teacher_kl
 
 
@@ -40,15 +41,44 @@ def sampling_generator(seed: int, step: int, rank: int, device: torch.device) ->
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 7_919 + rank)
 
 
+def step_inputs(step: int, run: Run) -> tuple[list, torch.Generator]:
+    """The step's prompts on this rank, and its sampling generator."""
+    cfg, ctx = run.cfg, run.ctx
+    idx = step_indices(step, len(run.prompts), cfg.data.batch_prompts, cfg.run.seed,
+                       cfg.data.shuffle, ctx.rank, ctx.world_size)  # fmt: skip
+    return [run.prompts[i] for i in idx], sampling_generator(
+        cfg.run.seed, step, ctx.rank, ctx.device
+    )
+
+
+def rollouts(step: int, run: Run, prompts: list, gen: torch.Generator):
+    """(the step's batch, how many updates old the weights that sampled it are): sampled now,
+    or taken from the request an engine sampler got a step earlier (samplers/prefetch.py)."""
+    G = run.cfg.sampling.group_size
+    if not isinstance(run.sampler, Prefetch):
+        return run.sampler.sample(prompts, G, gen), 0
+    batch, staleness = run.sampler.take(step, prompts, G, gen)
+    if run.cfg.sampling.staleness == 1:
+        ask_ahead(step + 1, run, 1)  # sampled by the engine while this step trains
+    return batch, staleness
+
+
+def ask_ahead(step: int, run: Run, staleness: int) -> None:
+    """Ask the engine for `step`'s rollouts now, unless the run ends first or `step` follows a
+    checkpoint (a resumed run samples it from the weights it loads: so must this run)."""
+    cfg = run.cfg
+    if step < cfg.run.steps and step % cfg.run.save_every != 0:
+        prompts, gen = step_inputs(step, run)
+        run.sampler.ahead(step, prompts, cfg.sampling.group_size, gen, staleness)
+
+
 def train_step(step: int, run: Run) -> dict:
     cfg, ctx, objective = run.cfg, run.ctx, run.objective
     t0 = ctx.clock()
-    idx = step_indices(step, len(run.prompts), cfg.data.batch_prompts, cfg.run.seed,
-                       cfg.data.shuffle, ctx.rank, ctx.world_size)  # fmt: skip
-    prompts = [run.prompts[i] for i in idx]
-    gen = sampling_generator(cfg.run.seed, step, ctx.rank, ctx.device)
+    prompts, gen = step_inputs(step, run)
     G = cfg.sampling.group_size
-    batch = run.sampler.sample(prompts, G, gen).to(ctx.device)
+    batch, staleness = rollouts(step, run, prompts, gen)  # sampled now, or a step ahead
+    batch = batch.to(ctx.device)
     t1 = ctx.clock()
     batch = run.score(batch, prompts)  # teacher log-probs (or top-k, logits), rewards
     batch = replace(batch, advantages_BT=objective.advantages(batch, cfg.objective, G))
@@ -68,7 +98,10 @@ def train_step(step: int, run: Run) -> dict:
         stats = stats.add(objective.backward(trainer, batch.slice(start, start + rows), n_tokens))
     ctx.sum_gradients(run.params)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip or math.inf).item()
-    (loss,), (ratio_max,) = ctx.sum([stats.loss]), ctx.max([stats.ratio_max])
+    (loss,), (ratio_max, neg_ratio_min) = (
+        ctx.sum([stats.loss]),
+        ctx.max([stats.ratio_max, -stats.ratio_min]),
+    )
 
     # A NaN or infinity in the log-probs, the loss or the gradient skips the step (guard.py):
     # no update, the same verdict on every rank; too many in a row stop the run.
@@ -83,6 +116,12 @@ def train_step(step: int, run: Run) -> dict:
         run.optimizer.step()
     skipped = run.skips.record(step, fault, cfg.optim.max_skipped, cfg.run.out)
     t3 = ctx.clock()
+    # an engine sampler (vLLM) is brought to the new weights before it samples again
+    sync = getattr(run.sampler, "sync", None)
+    synced = sync() if sync and not fault and (step + 1) % cfg.sampling.sync_every == 0 else {}
+    if isinstance(run.sampler, Prefetch) and cfg.sampling.staleness == 0:
+        ask_ahead(step + 1, run, 0)  # from the weights just sent: the synchronous rollouts
+    t4 = ctx.clock()
 
     metrics = {
         "step": step + 1,
@@ -96,12 +135,17 @@ def train_step(step: int, run: Run) -> dict:
         "time/sample": t1 - t0,
         "time/teacher": t2 - t1,
         "time/train": t3 - t2,
-        "time/step": t3 - t0,
-        "throughput/tokens_per_s": n_tokens / max(t3 - t0, 1e-9),
-    }
+        "time/step": t4 - t0,
+        "throughput/tokens_per_s": n_tokens / max(t4 - t0, 1e-9),
+    } | synced
+    if isinstance(run.sampler, Prefetch):
+        metrics["sampler/staleness"] = staleness
     if objective.importance_ratio:
-        (ratio_sum,) = ctx.sum([stats.ratio_sum])
-        metrics |= {"ratio/mean": ratio_sum / max(n_tokens, 1), "ratio/max": ratio_max}
+        ratio_sum, gap_sum = ctx.sum([stats.ratio_sum, stats.gap_sum])
+        metrics |= {
+            "ratio/mean": ratio_sum / max(n_tokens, 1), "ratio/max": ratio_max,
+            "ratio/min": -neg_ratio_min, "sampler/trainer_logprob_gap": gap_sum / max(n_tokens, 1),
+        }  # fmt: skip
     if batch.rewards_B is not None:
         total, count = ctx.sum([batch.rewards_B.sum().item(), batch.rewards_B.numel()])
         metrics["reward/mean"] = total / max(count, 1)
@@ -167,6 +211,8 @@ def distill(cfg: Config, force: bool = False) -> Path:
     finally:
         if run is not None:
             run.score.close()
+            if hasattr(run.sampler, "close"):  # an engine opd started is stopped here
+                run.sampler.close()
         ctx.close()
 
 

@@ -3,7 +3,9 @@
 A backend is any object with this `sample` method; `make_sampler` picks one: `KVCacheSampler`
 (fast/decode.py, a preallocated KV cache for Llama/Qwen2/Qwen3/Mistral) where the model allows
 it and the fast paths are on, else `HFSampler` (hf.py, any causal LM). `DatasetSampler`
-(dataset.py) replays the rows' own completions. Other decoders (vLLM) are new classes here.
+(dataset.py) replays the rows' own completions. `VLLMSampler` (vllm.py) samples on vLLM engines
+that follow the student's weights, through `Prefetch` (prefetch.py), built by build.py for
+sampling.backend=vllm; `make_sampler` gives evaluation and checks an in-process one.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def make_sampler(
     from opd.models import stop_token_ids
     from opd.samplers.hf import HFSampler
 
+    if backend == "vllm":  # a run's engine samples for training; evaluation and checks here
+        backend = "auto"
     if backend not in BACKENDS:
         raise OpdError(f"sampling.backend={backend!r}: must be 'auto', 'kv' or 'hf'")
     if backend == "kv" and not fast:

@@ -1,0 +1,105 @@
+"""Sampling on a vLLM engine against opd's in-process decoder, and what following the learner
+costs: per step, the sampling, scoring and training times, the weight sync and its share of
+the step, and the sampler/trainer log-prob gap, for sampling.backend=kv (in-process),
+vllm (staleness 0) and vllm with one-step-off sampling (staleness 1).
+
+    OPD_VLLM_VENV=~/.cache/opd/vllm-venv python benchmarks/engine_sampling.py \
+        [--steps 12] [--lengths 48 | 64,256,1024]
+
+The student is a random Llama (hidden 256, 4 layers, 8 heads of 32: vLLM's CPU attention needs
+head size >= 32), the teacher a random one twice as deep; 8 prompts x 4 samples x up to 48 tokens (--lengths; longer rows run fewer steps; a random
+model of 55 tokens draws EOS now and then: tokens/completion is in metrics.jsonl). One engine serves both vLLM runs (started here
+with VLLM_SERVER_DEV_MODE=1, as opd starts its own). Medians (min-max) over the steps after
+the first two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+from pathlib import Path
+
+import torch
+
+from opd import tiny
+from opd.config import build_config
+from opd.engine import serve_vllm
+from opd.train import distill
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--lengths", default="48", help="completion lengths, e.g. 64,256,1024")
+    ap.add_argument("--out", default="/tmp/opd-engine")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    tok = tiny.char_tokenizer()
+    student = tiny.tiny_model(tok, hidden=256, layers=4, heads=8, kv_heads=8, seed=1)
+    s_dir = tiny.save(student, tok, root / "student")
+    t_dir = tiny.save(tiny.tiny_model(tok, hidden=256, layers=8, heads=8, kv_heads=8, seed=2), tok,
+                      root / "teacher")  # fmt: skip
+    rng = random.Random(0)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(
+        json.dumps({"prompt": "".join(rng.choice("abcdefghij") for _ in range(12)) + "="}) + "\n"
+        for _ in range(64)
+    ))  # fmt: skip
+    venv = (
+        Path(os.environ["OPD_VLLM_VENV"]).expanduser() if os.environ.get("OPD_VLLM_VENV") else None
+    )
+    engine_args = ["--logprobs-mode", "processed_logprobs", "--no-enable-prefix-caching",
+                   "--generation-config", "vllm"]  # fmt: skip
+    lengths = [int(x) for x in args.lengths.split(",")]
+    with serve_vllm(s_dir, venv, "student", max_model_len=max(lengths) + 32,
+                    extra_args=engine_args, env_extra={"VLLM_SERVER_DEV_MODE": "1"}) as url:  # fmt: skip
+        runs = {
+            "kv (in-process)": {"sampling.backend": "kv"},
+            "vllm, staleness 0": {"sampling.backend": "vllm", "sampling.urls": url},
+            "vllm, staleness 1": {"sampling.backend": "vllm", "sampling.urls": url,
+                                  "sampling.staleness": 1},
+        }  # fmt: skip
+        for length in lengths:
+            steps = max(4, args.steps * 64 // max(length, 64))  # long rows: fewer steps
+            print(f"\nstudent 256x4, teacher 256x8, 8 prompts x 4 x up to {length} tokens, "
+                  f"{steps} steps")  # fmt: skip
+            print("| sampler | time/step s | time/sample s | time/teacher s | time/train s | "
+                  "sync s (share of step) | sampler/trainer gap |")  # fmt: skip
+            print("|---|---|---|---|---|---|---|")
+            for name, extra in runs.items():
+                row = measure(root / f"{length}", name, extra, s_dir, t_dir, prompts, steps, length)
+                print(row, flush=True)
+
+
+def measure(root, name, extra, s_dir, t_dir, prompts, steps, length) -> str:
+    out = root / name.split()[0].rstrip(",") / str(extra.get("sampling.staleness", 0))
+    flags = {
+        "model.student": str(s_dir), "model.teacher": str(t_dir),
+        "data.prompts": str(prompts), "run.out": str(out), "run.steps": steps,
+        "data.batch_prompts": 8, "sampling.group_size": 4, "sampling.max_new_tokens": length,
+        "run.save_every": 10_000, "run.preflight": False, "optim.lr": 1e-4, **extra,
+    }  # fmt: skip
+    distill(build_config(None, flags, []), force=True)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").open()][2:]
+    col = {k: spread([r[k] for r in rows]) for k in
+           ("time/step", "time/sample", "time/teacher", "time/train")}  # fmt: skip
+    sync = "-"
+    if "sampler/sync_s" in rows[0]:
+        share = statistics.median(r["sampler/sync_s"] / r["time/step"] for r in rows)
+        sync = f"{spread([r['sampler/sync_s'] for r in rows])} ({share:.0%})"
+    gap = statistics.median(r.get("sampler/trainer_logprob_gap", 0.0) for r in rows)
+    return (f"| {name} | {col['time/step']} | {col['time/sample']} | {col['time/teacher']} "
+            f"| {col['time/train']} | {sync} | {gap:.2e} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
