@@ -18,13 +18,10 @@ teacher for the whole-vocabulary losses.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
-import socket
 import statistics
-import threading
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +29,9 @@ import torch
 from opd import tiny
 from opd.config import build_config
 from opd.train import distill
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' loopback server
+from tests.test_served import serving  # noqa: E402
 
 
 def words(n: int, seed: int = 0) -> list[str]:
@@ -53,25 +53,6 @@ def run(student, teacher, prompts, out, steps, loss="sampled") -> list[dict]:
 
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.4f} s ({min(values):.4f}-{max(values):.4f})"
-
-
-@contextlib.contextmanager
-def serving(app):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def main() -> None:

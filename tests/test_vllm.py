@@ -184,21 +184,27 @@ def test_served_teacher_backend_matches_in_process(teacher, student_setup):
     served.close()
 
 
-def test_distill_through_vllm_matches_in_process_first_step(teacher, student_setup, tmp_path):
+def cli_first_step(student, teacher_spec, prompts, out, steps, *extra):
+    """`opd distill` of a few steps: (the finished process, the first metrics row)."""
     import json
 
     from .test_cli import run_cli
+
+    args = ["distill", "--student", str(student), "--teacher", teacher_spec]
+    args += ["--prompts", str(prompts), "--out", str(out), "--steps", str(steps)]
+    args += ["--batch-prompts", "4", "--group-size", "2", "--max-new-tokens", "8", *extra]
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr
+    return r, json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_distill_through_vllm_matches_in_process_first_step(teacher, student_setup, tmp_path):
 
     _, _, url = teacher
     student, prompts, _ = student_setup
 
     def first_step(teacher_spec, out, *extra):
-        args = ["distill", "--student", str(student), "--teacher", teacher_spec]
-        args += ["--prompts", str(prompts), "--out", str(out), "--steps", "2"]
-        args += ["--batch-prompts", "4", "--group-size", "2", "--max-new-tokens", "8", *extra]
-        r = run_cli(args)
-        assert r.returncode == 0, r.stderr
-        return r, json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        return cli_first_step(student, teacher_spec, prompts, out, 2, *extra)
 
     r, served = first_step(url, tmp_path / "served")
     assert "teacher self-KL [default]  ok" in r.stdout  # preflight sampled through vLLM
@@ -243,10 +249,8 @@ def test_a_student_of_another_tokenizer_distils_through_vllm(teacher, tmp_path):
     """Across tokenizers through vLLM: a byte-pair student, the served character-level teacher
     named by model.teacher_tokenizer; vLLM scores the teacher's own ids of each completion's
     text, and the first step's KL is the in-process cross-tokenizer run's."""
-    import json
 
     from .conftest import write_jsonl
-    from .test_cli import run_cli
 
     _, _, url = teacher
     bpe = tiny.bpe_tokenizer([w + "=" + w[::-1] for w in words(200)], vocab_size=96)
@@ -254,12 +258,7 @@ def test_a_student_of_another_tokenizer_distils_through_vllm(teacher, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": w + "="} for w in words(32)])
 
     def first_step(teacher_spec, out, *extra):
-        args = ["distill", "--student", str(student), "--teacher", teacher_spec]
-        args += ["--prompts", str(prompts), "--out", str(out), "--steps", "1"]
-        args += ["--batch-prompts", "4", "--group-size", "2", "--max-new-tokens", "8", *extra]
-        r = run_cli(args)
-        assert r.returncode == 0, r.stderr
-        return r, json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        return cli_first_step(student, teacher_spec, prompts, out, 1, *extra)
 
     tok_dir = f"model.teacher_tokenizer={SERVED['path']}"
     r, served = first_step(url, tmp_path / "served", tok_dir)

@@ -18,7 +18,6 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 def char_tokenizer(chars: str = CHARS, add_bos: bool = True):
     """A character-level fast tokenizer: <pad>=0, <s>=1 (BOS, added when add_bos), </s>=2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(chars)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -28,6 +27,13 @@ def char_tokenizer(chars: str = CHARS, add_bos: bool = True):
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", special_tokens=[("<s>", 1)]
         )
+    return wrap(tok)
+
+
+def wrap(tok):
+    """A `tokenizers` Tokenizer as a transformers fast tokenizer with opd's special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -42,7 +48,6 @@ def bpe_tokenizer(texts: list[str], vocab_size: int = 96, chars: str = CHARS):
     vocabulary than `char_tokenizer`'s, for cross-tokenizer teachers. <s> BOS is added, </s> is
     EOS; a text is encoded whole (no pre-tokenizer), so merges may span spaces."""
     from tokenizers import Tokenizer, decoders, models, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
@@ -57,13 +62,7 @@ def bpe_tokenizer(texts: list[str], vocab_size: int = 96, chars: str = CHARS):
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", bos)]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    return wrap(tok)
 
 
 def tiny_model(
