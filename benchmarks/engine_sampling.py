@@ -44,10 +44,14 @@ def main() -> None:
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     tok = tiny.char_tokenizer()
-    student = tiny.tiny_model(tok, hidden=256, layers=4, heads=8, kv_heads=8, seed=1)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    context = max(lengths) + 64
+    student = tiny.tiny_model(tok, hidden=256, layers=4, heads=8, kv_heads=8, seed=1,
+                              max_positions=context)  # fmt: skip
     s_dir = tiny.save(student, tok, root / "student")
-    t_dir = tiny.save(tiny.tiny_model(tok, hidden=256, layers=8, heads=8, kv_heads=8, seed=2), tok,
-                      root / "teacher")  # fmt: skip
+    teacher = tiny.tiny_model(tok, hidden=256, layers=8, heads=8, kv_heads=8, seed=2,
+                              max_positions=context)  # fmt: skip
+    t_dir = tiny.save(teacher, tok, root / "teacher")
     rng = random.Random(0)
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(
@@ -59,7 +63,6 @@ def main() -> None:
     )
     engine_args = ["--logprobs-mode", "processed_logprobs", "--no-enable-prefix-caching",
                    "--generation-config", "vllm"]  # fmt: skip
-    lengths = [int(x) for x in args.lengths.split(",")]
     with serve_vllm(s_dir, venv, "student", max_model_len=max(lengths) + 32,
                     extra_args=engine_args, env_extra={"VLLM_SERVER_DEV_MODE": "1"}) as url:  # fmt: skip
         runs = {

@@ -302,3 +302,19 @@ def test_teachers_of_different_tokenizers_share_a_run(
     distill(build_config(None, {**f, "run.steps": 2}, []))
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["teacher/kl/bpe"] > 0 and last["teacher/kl/default"] > 0
+
+
+def test_a_messages_row_is_rendered_by_the_teachers_own_chat_template():
+    from opd.data import Prompt
+
+    student_tok, teacher_tok = tiny.char_tokenizer(), tiny.bpe_tokenizer(TEXTS, vocab_size=96)
+    student_tok.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
+    teacher_tok.chat_template = "{% for m in messages %}q:{{ m['content'] }};{% endfor %}"
+    row = {"messages": [{"role": "user", "content": "abc"}]}
+    prompt = Prompt(ids=student_tok("abc=", add_special_tokens=False)["input_ids"], row=row,
+                    where="p.jsonl:1")  # fmt: skip
+    view = TeacherView(None, "default", student_tok, teacher_tok)
+    assert view.prompt_ids(prompt) == teacher_tok("q:abc;", add_special_tokens=False)["input_ids"]
+    given = Prompt(prompt.ids, row | {"teacher_messages": [{"role": "user", "content": "cba"}]},
+                   "p.jsonl:2")  # fmt: skip
+    assert view.prompt_ids(given) == teacher_tok("q:cba;", add_special_tokens=False)["input_ids"]
