@@ -75,9 +75,9 @@ def main() -> None:
             steps = max(4, args.steps * 64 // max(length, 64))  # long rows: fewer steps
             print(f"\nstudent 256x4, teacher 256x8, 8 prompts x 4 x up to {length} tokens, "
                   f"{steps} steps")  # fmt: skip
-            print("| sampler | time/step s | time/sample s | time/teacher s | time/train s | "
-                  "sync s (share of step) | sampler/trainer gap |")  # fmt: skip
-            print("|---|---|---|---|---|---|---|")
+            print("| sampler | tokens/row | time/step s | time/sample s | time/teacher s | "
+                  "time/train s | sync s (share of step) | sampler/trainer gap |")  # fmt: skip
+            print("|---|---|---|---|---|---|---|---|")
             for name, extra in runs.items():
                 row = measure(root / f"{length}", name, extra, s_dir, t_dir, prompts, steps, length)
                 print(row, flush=True)
@@ -100,7 +100,8 @@ def measure(root, name, extra, s_dir, t_dir, prompts, steps, length) -> str:
         share = statistics.median(r["sampler/sync_s"] / r["time/step"] for r in rows)
         sync = f"{spread([r['sampler/sync_s'] for r in rows])} ({share:.0%})"
     gap = statistics.median(r.get("sampler/trainer_logprob_gap", 0.0) for r in rows)
-    return (f"| {name} | {col['time/step']} | {col['time/sample']} | {col['time/teacher']} "
+    tokens = statistics.mean(r["tokens/mean_completion_len"] for r in rows)
+    return (f"| {name} | {tokens:.0f} | {col['time/step']} | {col['time/sample']} | {col['time/teacher']} "
             f"| {col['time/train']} | {sync} | {gap:.2e} |")  # fmt: skip
 
 
