@@ -51,6 +51,9 @@ def test_whole_vocabulary_log_probs_are_the_models(served):
     assert len(r.content) < got.numel() * 4  # compressed (zlib)
     some = ask(url, {"prompt": rows[:1], "positions": [[1, 4]], "token_ids": [[[3, 5], [7, 2]]]})
     torch.testing.assert_close(decode(some), want[0][:2].gather(1, torch.tensor([[3, 5], [7, 2]])))
+    mixed = ask(url, {"prompt": rows, "positions": [[], [2]], "token_ids": [[], [[4, 9]]]})
+    assert mixed.status_code == 200, mixed.text  # a row asking for nothing is fine
+    torch.testing.assert_close(decode(mixed), want[1][:1].gather(1, torch.tensor([[4, 9]])))
 
 
 @pytest.mark.parametrize(
@@ -62,6 +65,11 @@ def test_whole_vocabulary_log_probs_are_the_models(served):
         ({"prompt": [5, 6], "positions": [[1]]}, 400, "prompt must be a list of token-id lists"),
         ({"prompt": [[5, 999]], "positions": [[1]]}, 400, "outside the vocabulary"),
         ({"prompt": [[5, 6]], "positions": [[1]], "token_ids": [[[1, 99]]]}, 400, "not an id"),
+        (
+            {"prompt": [[5, 6], [5, 6]], "positions": [[1], [1]], "token_ids": [[[1, 2]], [[1]]]},
+            400,
+            "token_ids[1]: every position must ask for as many ids",
+        ),
         ({"prompt": [[5, 6, 7]], "positions": [[1, 2]]}, 413, "110 log-probs asked for"),
     ],
 )

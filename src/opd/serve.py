@@ -97,6 +97,7 @@ class TeacherScorer:
         """(N, V) float32 log p(. | row[:j]) at every requested position j of every row, in
         order, or (N, K) of the ids asked for at each position (`wanted`, else None)."""
         out = []
+        K = next((len(ids[0]) for ids in wanted if ids), 0) if wanted is not None else self.vocab
         step = max(1, LOGITS_BUDGET // max(max(len(r) for r in rows) * self.vocab, 1))
         for start in range(0, len(rows), step):
             part = rows[start : start + step]
@@ -111,11 +112,11 @@ class TeacherScorer:
                 i = start + b
                 at = torch.tensor(positions[i], dtype=torch.long, device=self.device) - 1
                 lp_nV = torch.log_softmax(logits_BTV[b, at, : self.vocab].float(), dim=-1)
-                if wanted is not None and len(positions[i]):
+                if wanted is not None:  # (n, K) ids, as many at every position (checked)
                     ids = torch.tensor(wanted[i], dtype=torch.long, device=self.device)
-                    lp_nV = lp_nV.gather(-1, ids)
+                    lp_nV = lp_nV.gather(-1, ids.reshape(len(positions[i]), K))
                 out.append(lp_nV.cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.vocab)
+        return torch.cat(out)
 
     def _entries(self, lp_TV: torch.Tensor, ids: list[int], k: int) -> list:
         n = len(ids)

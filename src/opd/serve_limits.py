@@ -231,7 +231,7 @@ def check_vocab_logprobs(body, name, scorer, max_rows, max_floats):
         return 400, "positions must be a list with one list of positions per sequence"
     if wanted is not None and (not isinstance(wanted, list) or len(wanted) != len(rows)):
         return 400, "token_ids must be null (the whole vocabulary) or one list per sequence"
-    n = 0
+    n, asked = 0, []
     for i, (row, pos) in enumerate(zip(rows, positions, strict=True)):
         if not isinstance(pos, list) or not all(
             isinstance(j, int) and not isinstance(j, bool) and 1 <= j <= len(row) for j in pos
@@ -246,13 +246,14 @@ def check_vocab_logprobs(body, name, scorer, max_rows, max_floats):
         ids = wanted[i]
         if not isinstance(ids, list) or len(ids) != len(pos):
             return 400, f"token_ids[{i}] must hold one list of ids per position"
+        asked = asked or ids[:1]  # the request's first position sets how many ids each asks
         for got in ids:
             if not isinstance(got, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t < scorer.vocab
                 for t in got
             ):
                 return 400, f"token_ids[{i}] holds a value that is not an id in [0, {scorer.vocab})"
-            if len(got) != len(ids[0]):
+            if len(got) != len(asked[0]):
                 return 400, f"token_ids[{i}]: every position must ask for as many ids"
             n += len(got)
     if n > max_floats:
