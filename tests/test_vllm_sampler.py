@@ -235,7 +235,7 @@ def test_the_prefetch_path_with_staleness_0_gives_the_synchronous_run(
     assert [r["sampler/staleness"] for r in through] == [0] * 6
     from opd import build
 
-    monkeypatch.setattr(build, "Prefetch", lambda sampler, staleness: sampler)  # plain calls
+    monkeypatch.setattr(build, "Prefetch", lambda sampler: sampler)  # plain calls
     plain, w_plain = engine_run(engine, models, tmp_path / "b", 6)
     assert "sampler/staleness" not in plain[0]
     assert [r["teacher/kl"] for r in through] == [r["teacher/kl"] for r in plain]

@@ -214,7 +214,7 @@ def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, fro
             f"vllm ({len(engine.urls)} engine(s), {where}; weights every {s.sync_every} "
             f"step(s), staleness <= {s.staleness})"
         )
-        return Prefetch(engine, s.staleness), said
+        return Prefetch(engine), said
     sampler = make_sampler(
         model, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k,
         backend=s.backend, fast=cfg.run.fast_paths,

@@ -78,14 +78,7 @@ class TeacherScorer:
         return out
 
     def _score_part(self, rows, ks):
-        ids_BT, mask_BT = _right_padded(rows)
-        pos_BT = torch.arange(ids_BT.shape[1]).expand(ids_BT.shape)
-        logits_BTV = self.model(
-            input_ids=ids_BT.to(self.device),
-            attention_mask=mask_BT.to(self.device),
-            position_ids=pos_BT.to(self.device),
-            use_cache=False,
-        ).logits
+        logits_BTV = self._logits(rows)
         results = []
         for b, (r, k) in enumerate(zip(rows, ks, strict=True)):
             lp_TV = torch.log_softmax(logits_BTV[b, : len(r), : self.vocab].float(), dim=-1)
@@ -101,13 +94,7 @@ class TeacherScorer:
         step = max(1, LOGITS_BUDGET // max(max(len(r) for r in rows) * self.vocab, 1))
         for start in range(0, len(rows), step):
             part = rows[start : start + step]
-            ids_BT, mask_BT = _right_padded(part)
-            logits_BTV = self.model(
-                input_ids=ids_BT.to(self.device),
-                attention_mask=mask_BT.to(self.device),
-                position_ids=torch.arange(ids_BT.shape[1]).expand(ids_BT.shape).to(self.device),
-                use_cache=False,
-            ).logits
+            logits_BTV = self._logits(part)
             for b in range(len(part)):
                 i = start + b
                 at = torch.tensor(positions[i], dtype=torch.long, device=self.device) - 1
@@ -117,6 +104,21 @@ class TeacherScorer:
                     lp_nV = lp_nV.gather(-1, ids.reshape(len(positions[i]), K))
                 out.append(lp_nV.cpu())
         return torch.cat(out)
+
+    def _logits(self, rows: list[list[int]]) -> torch.Tensor:
+        """(B, T, V') logits of the rows, right-padded (positions from 0 in every row)."""
+        T = max(len(r) for r in rows)
+        ids_BT = torch.zeros(len(rows), T, dtype=torch.long)
+        mask_BT = torch.zeros(len(rows), T, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids_BT[b, : len(r)] = torch.tensor(r)
+            mask_BT[b, : len(r)] = 1
+        return self.model(
+            input_ids=ids_BT.to(self.device),
+            attention_mask=mask_BT.to(self.device),
+            position_ids=torch.arange(T).expand(ids_BT.shape).to(self.device),
+            use_cache=False,
+        ).logits
 
     def _entries(self, lp_TV: torch.Tensor, ids: list[int], k: int) -> list:
         n = len(ids)
@@ -142,16 +144,6 @@ class TeacherScorer:
 
     def _item(self, lp: float, rank: int, tid: int) -> dict:
         return {"logprob": lp, "rank": rank, "decoded_token": self.tokenizer.decode([tid])}
-
-
-def _right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
-    ids_BT = torch.zeros(len(rows), T, dtype=torch.long)
-    mask_BT = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids_BT[b, : len(r)] = torch.tensor(r)
-        mask_BT[b, : len(r)] = 1
-    return ids_BT, mask_BT
 
 
 def create_app(

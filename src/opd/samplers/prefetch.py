@@ -24,10 +24,8 @@ from opd.types import Rollouts
 
 
 class Prefetch:
-    def __init__(self, sampler, staleness: int):
+    def __init__(self, sampler):
         self.sampler = sampler
-        self.staleness = staleness
-        self.model = sampler.model
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="opd-prefetch")
         self.pending: tuple[int, Future, int] | None = None  # (step, its rollouts, staleness)
 

@@ -66,7 +66,6 @@ class VLLMSampler:
         self.sync_dir = Path(tempfile.mkdtemp(prefix="opd-sync-", dir=root))
         self.synced = False
         self.probe_ids: list[int] | None = None
-        self.last_sync_s = 0.0
         self.stack = None  # the engine opd started, if any (an ExitStack), stopped by close()
         self.lora = hasattr(model, "peft_config")  # a peft model: adapters, not whole weights
         self.base_name, self.version = name, 0
@@ -165,8 +164,8 @@ class VLLMSampler:
             self._sync_weights()
         write_s = time.perf_counter() - t0
         gap = self.probe()
-        self.synced, self.last_sync_s = True, time.perf_counter() - t0
-        return {"sampler/sync_s": self.last_sync_s, "sampler/sync_write_s": write_s,
+        self.synced = True
+        return {"sampler/sync_s": time.perf_counter() - t0, "sampler/sync_write_s": write_s,
                 "sampler/probe_gap": gap}  # fmt: skip
 
     def _sync_weights(self) -> None:

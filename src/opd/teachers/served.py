@@ -115,20 +115,9 @@ class ServedTeacher:
         with id -1 and log-prob -inf.
         """
         rows = row_tokens(rollouts)
-        chunks = [
-            list(range(s, min(s + self.batch_rows, len(rows))))
-            for s in range(0, len(rows), self.batch_rows)
-        ]
-        stop = threading.Event()  # set once a request fails for good: the others stop retrying
-        futures = [self.pool.submit(self._request, [rows[i] for i in c], k, stop) for c in chunks]
-        try:
-            for future in as_completed(futures):
-                future.result()  # the first failure raises here, without waiting for the rest
-            results = [f.result() for f in futures]
-        finally:
-            stop.set()
-            for future in futures:
-                future.cancel()  # those not started yet
+        results = self.fan_out(
+            len(rows), lambda c, stop: self._request([rows[i] for i in c], k, stop)
+        )
         per_row = [r for part in results for r in part]
         B, T = rollouts.tokens_BT.shape
         lp_BT = torch.zeros(B, T)
@@ -150,6 +139,25 @@ class ServedTeacher:
         if k:
             return lp_BT.to(device), ids_BTK.to(device), lpk_BTK.to(device)
         return lp_BT.to(device), None, None
+
+    def fan_out(self, n_rows: int, request) -> list:
+        """request(row indices, stop) for each `batch_rows` of the n rows, `concurrency` at a
+        time; the answers in order. The first request to fail for good raises here at once, and
+        the others stop retrying."""
+        chunks = [
+            list(range(s, min(s + self.batch_rows, n_rows)))
+            for s in range(0, n_rows, self.batch_rows)
+        ]
+        stop = threading.Event()  # set once a request fails for good: the others stop retrying
+        futures = [self.pool.submit(request, c, stop) for c in chunks]
+        try:
+            for future in as_completed(futures):
+                future.result()  # the first failure raises here, without waiting for the rest
+            return [f.result() for f in futures]
+        finally:
+            stop.set()
+            for future in futures:
+                future.cancel()  # those not started yet
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

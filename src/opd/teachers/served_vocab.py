@@ -3,9 +3,10 @@
 vLLM and SGLang return at most each position's top-k, so the exact divergences need the
 teacher in-process, or `opd serve-teacher`, whose POST /v1/opd/vocab_logprobs answers the
 teacher's log-probs over the whole vocabulary at the positions asked for (float32 bytes,
-zlib-compressed). `served_logits` asks for every completion position of a batch,
-`remote.batch_rows` rows per request and `remote.concurrency` requests at a time (retried like
-every scoring request), and gives the same (TeacherLogits, lp_BT) as `LocalTeacher.logits`.
+zlib-compressed). `served_logits` asks for every completion position of a batch through
+`ServedTeacher.fan_out` (`remote.batch_rows` rows per request, `remote.concurrency` at a
+time, retried and stopped on a failure like every scoring request), and gives the same
+(TeacherLogits, lp_BT) as `LocalTeacher.logits`.
 The (N, V) float32 block is held for the step: N completion tokens x V x 4 bytes.
 """
 
@@ -29,33 +30,15 @@ def served_logits(teacher: ServedTeacher, rollouts: Rollouts) -> tuple[TeacherLo
     first_B = first_real_column(rollouts.attention_mask_BT).tolist()
     # the index in the row sent of each completion token: p(. | x_<j) is what the loss reads
     positions = [(mask_BT[b].nonzero().flatten() - first_B[b]).tolist() for b in range(len(rows))]
-    chunks = [range(s, min(s + teacher.batch_rows, len(rows)))
-              for s in range(0, len(rows), teacher.batch_rows)]  # fmt: skip
     url = teacher.url + PATH
-    futures = [
-        teacher.pool.submit(
-            teacher._call,
-            "POST",
-            url,
-            {
-                "model": teacher.model,
-                "prompt": [rows[i] for i in c],
-                "positions": [positions[i] for i in c],
-            },
-            "scoring the whole vocabulary",
-            None,
-            0,
-            None,
-            False,
-            decode,
-        )  # fmt: skip
-        for c in chunks
-    ]
-    try:
-        parts = [f.result() for f in futures]
-    finally:
-        for f in futures:
-            f.cancel()
+
+    def request(chunk: list[int], stop) -> torch.Tensor:
+        payload = {"model": teacher.model, "prompt": [rows[i] for i in chunk],
+                   "positions": [positions[i] for i in chunk]}  # fmt: skip
+        return teacher._call("POST", url, payload, "scoring the whole vocabulary", stop=stop,
+                             decode=decode)  # fmt: skip
+
+    parts = teacher.fan_out(len(rows), request)
     lp_NV = torch.cat(parts) if parts else torch.zeros(0, 0)
     device = rollouts.tokens_BT.device
     rows_N, cols_N = mask_BT.nonzero(as_tuple=True)  # row-major: the order positions were sent
