@@ -48,6 +48,7 @@ ROWS = st.fixed_dictionaries(
         "answer": VALUES,
         "completion": TEXT | VALUES,
         "teacher": TEXT | VALUES,
+        "text": TEXT | VALUES,
         "meta": VALUES,
     },
 )

@@ -17,6 +17,7 @@ import torch
 from opd.config import Config
 from opd.data import Prompt, load_prompts, read_jsonl
 from opd.distributed import DistContext
+from opd.documents import is_document, mix_in
 from opd.errors import OpdError
 from opd.evaluate import get_extractor
 from opd.fast.decode import KVCacheSampler
@@ -78,14 +79,23 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
             f"data.batch_prompts={cfg.data.batch_prompts} must be divisible by the "
             f"number of processes ({ctx.world_size})"
         )
-    # the prompt files are read (and a mistyped path reported) before any model loads
-    rows = read_rows(cfg.data.prompts, "data.prompts")
-    eval_rows = read_rows(cfg.eval.prompts, "eval.prompts") if cfg.eval.prompts else []
+    on_policy = objective.samples == "student"
+    # the prompt files are read (and a mistyped path reported) before any model loads; a
+    # document ({"text"} row) is its own target, so only SFT without a teacher takes one
+    no_documents = ""
+    if on_policy:
+        no_documents = f"objective.kind={o.kind} samples completions of prompts"
+    elif m.teacher:
+        no_documents = "with model.teacher, sft samples the teacher's completions of prompts"
+    rows = read_rows(cfg.data.prompts, "data.prompts", no_documents)
+    mix_rows = read_rows(cfg.data.mix, "data.mix", no_documents) if cfg.data.mix else []
+    eval_rows = []
+    if cfg.eval.prompts:
+        eval_rows = read_rows(cfg.eval.prompts, "eval.prompts", "evaluation answers prompts")
     if uses_rewards(o):
         get_extractor(o.extractor)
     if cfg.eval.prompts:
         get_extractor(cfg.eval.extractor)  # fail now on a bad name, not at the first eval
-    on_policy = objective.samples == "student"
     if on_policy and (s.temperature != 1.0 or s.top_p < 1.0 or s.top_k > 0) and ctx.is_main:
         print(
             "opd: warning: sampling.temperature/top_p/top_k change the sampling distribution: "
@@ -121,6 +131,20 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
         cfg.data.prompts, rows, tokenizer, limits, s.max_new_tokens, cfg.data.overlong,
         "data.prompts", from_data, ctx, cfg.data.unknown_chars,
     )  # fmt: skip
+    if cfg.data.mix:
+        n_main = len(prompts)
+        extra = read_prompts(
+            cfg.data.mix, mix_rows, tokenizer, limits, s.max_new_tokens, cfg.data.overlong,
+            "data.mix", True, ctx, cfg.data.unknown_chars,
+        )  # fmt: skip
+        prompts = mix_in(prompts, extra, cfg.data.mix_ratio, cfg.run.seed)
+        if ctx.is_main:
+            n = len(prompts) - n_main
+            print(
+                f"opd: note: data.mix: {n} of the {len(prompts)} rows come from {cfg.data.mix} "
+                f"(data.mix_ratio={cfg.data.mix_ratio})",
+                file=sys.stderr,
+            )
     cfg = clamp_batch(cfg, len(prompts), ctx)
     eval_prompts = []
     if cfg.eval.prompts:
@@ -287,16 +311,24 @@ def clamp_batch(cfg: Config, n_prompts: int, ctx: DistContext) -> Config:
     return replace(cfg, data=replace(cfg.data, batch_prompts=fit))
 
 
-def read_rows(path: str, key: str):
-    """The JSONL rows of a prompts file, read before any model loads (errors name the key)."""
+def read_rows(path: str, key: str, no_documents: str = ""):
+    """The JSONL rows of a prompts file, read before any model loads (errors name the key).
+    no_documents: why `{"text"}` rows (documents) cannot be trained on here; empty if they can."""
     if Path(path).is_dir():
         raise OpdError(f"{key}: {path} is a folder, not a prompts file")
     if not Path(path).is_file():
         raise OpdError(f"{key}: prompts file not found: {path}")
     rows = read_jsonl(path)
     for lineno, row in rows:
-        if "prompt" not in row and "messages" not in row:
-            raise OpdError(f"{path}:{lineno}: row has neither 'prompt' nor 'messages'")
+        if is_document(row) and no_documents:
+            raise OpdError(
+                f"{path}:{lineno}: a 'text' row (a document) trains only with objective.kind=sft "
+                f"without model.teacher ({no_documents}); give it a 'prompt' or 'messages'"
+            )
+        if "prompt" not in row and "messages" not in row and not is_document(row):
+            raise OpdError(
+                f"{path}:{lineno}: row has neither 'prompt' nor 'messages' (nor 'text', a document)"
+            )
     return rows
 
 
@@ -304,10 +336,11 @@ def read_prompts(
     path, rows, tokenizer, limits, max_new_tokens, overlong, key, with_completions, ctx, unknown
 ):
     """Encode a prompts file's rows, checking each prompt against the context left for the
-    completion."""
+    completion; a document (SFT on data) is cut into rows of the whole context."""
     max_prompt = min(limits) - max_new_tokens if limits else None
-    if max_prompt is not None and max_prompt < 1:
-        tokens_key = "sampling.max_new_tokens" if key == "data.prompts" else "eval.max_new_tokens"
+    documents = with_completions and all(is_document(row) for _, row in rows)  # not capped by it
+    if max_prompt is not None and max_prompt < 1 and not documents:
+        tokens_key = "eval.max_new_tokens" if key == "eval.prompts" else "sampling.max_new_tokens"
         raise OpdError(
             f"{tokens_key}={max_new_tokens} leaves no room for a prompt in the models' "
             f"{min(limits)}-token context; use at most {min(limits) - 1}"
@@ -322,6 +355,7 @@ def read_prompts(
         max_completion_tokens=max_new_tokens if with_completions else None,
         rows=rows,
         unknown=unknown,
+        context=min(limits) if limits else None,  # a document's rows are cut to the context
     )
     if skipped and ctx.is_main:
         print(f"skipped {skipped} overlong prompts (data.overlong=skip); {len(prompts)} remain")

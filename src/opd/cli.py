@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("distill", "distil a teacher into a student, on the student's samples"),
         (
             "sft",
-            "fine-tune on the teacher's samples (off-policy distillation) or on 'completion' rows",
+            "fine-tune on the teacher's samples (off-policy distillation), or on the rows' own "
+            "'completion' or 'text' (documents, every token: mid-training)",
         ),
         ("rl", "reinforcement learning on a 0/1 answer reward (the baseline OPD is compared to)"),
     ):
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
             required = KINDS[name] in config_mod.REQUIRED_KEYS.get(key, ())
             default = "required" if required else f"default {f.default!r}"
             if name == "sft" and key == "model.teacher":
-                default = "optional: without it, rows' 'completion' fields are the targets"
+                default = "optional: without it, rows' 'completion' or 'text' are the targets"
             if name == "rl" and key.startswith("model.teacher"):
                 default = "not used by rl"
             d.add_argument(
@@ -176,10 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser(
         "experiment",
-        help="the blog's comparisons on the demo's task: math, lr-sweep, single-prompt, "
-        "self-distill",
+        help="the blog's comparisons on the demo's task (math, lr-sweep, single-prompt, "
+        "self-distill); personalization and continual: mid-training on new documents, then OPD",
     )
-    ex.add_argument("name", choices=["math", "lr-sweep", "single-prompt", "self-distill"])
+    ex.add_argument(
+        "name",
+        choices=[
+            "math",
+            "lr-sweep",
+            "single-prompt",
+            "self-distill",
+            "personalization",
+            "continual",
+        ],
+    )
     ex.add_argument(
         "--out", required=True, help="output folder (results.json, report.md, plots, runs)"
     )
@@ -293,6 +304,14 @@ def run(argv: list[str] | None = None) -> int:
             run_seeds(args.out, preset, args.seeds, args.cache_dir, quiet=not args.verbose)
         else:
             run_demo(args.out, preset, args.seed, args.cache_dir, quiet=not args.verbose)
+    elif args.command == "experiment" and args.name in ("personalization", "continual"):
+        from opd.experiments.personalization import run as run_personal
+
+        for flag in ("sft_stop_at", "teacher_stop_at", "rl_steps"):
+            if getattr(args, flag) is not None:
+                raise OpdError(f"--{flag.replace('_', '-')} is for the math experiments")
+        preset = args.preset or ("quick" if args.quick else "default")
+        run_personal(args.name, args.out, preset, args.cache_dir, quiet=not args.verbose)
     elif args.command == "experiment":
         from opd.experiments.blog import run_experiment
 

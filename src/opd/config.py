@@ -9,17 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from opd.config_text import parse_kv, read_toml
 from opd.errors import OpdError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 def _f(default, help: str, **kw):
@@ -59,7 +53,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    prompts: str = _f("", "Prompts JSONL: {'prompt': str} or {'messages': [...]} per line.")
+    prompts: str = _f(
+        "",
+        "Prompts JSONL: {'prompt': str} or {'messages': [...]} per line; sft without a teacher "
+        "also takes {'text': str}, a document trained on every token (cut to the context).",
+    )
     batch_prompts: int = _f(16, "Prompts per optimizer step (P).")
     shuffle: bool = _f(True, "Shuffle the prompts every epoch (seeded).")
     overlong: str = _f(
@@ -70,12 +68,17 @@ class DataConfig:
         "Text with no token but the unknown one: 'error' names file:line and the characters; "
         "'unk' encodes it as the unknown token, counted in metrics (data/unknown_tokens).",
     )
+    mix: str = _f("", "sft without a teacher: a second JSONL of rows mixed into data.prompts.")
+    mix_ratio: float = _f(0.0, "With data.mix: the fraction of training rows from it, in (0, 1).")
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     group_size: int = _f(4, "Completions sampled per prompt (G); a step trains on P*G rows.")
-    max_new_tokens: int = _f(64, "Longest completion; sampling also stops at EOS.")
+    max_new_tokens: int = _f(
+        64,
+        "Longest completion; sampling also stops at EOS. Not a cap on documents ('text' rows).",
+    )
     temperature: float = _f(
         1.0, "Sampling temperature. 1 samples the student's own distribution (on-policy)."
     )
@@ -103,8 +106,9 @@ class ObjectiveConfig:
         "opd",
         "'opd': on-policy distillation (the student samples, the teacher scores). 'sft': "
         "supervised fine-tuning on the teacher's samples (off-policy distillation), or on the "
-        "rows' 'completion' field when model.teacher is empty. 'rl': policy gradient on a 0/1 "
-        "reward (the extracted answer equals the row's 'answer'), centred per prompt's group.",
+        "rows' own 'completion' or 'text' when model.teacher is empty. 'rl': policy gradient on "
+        "a 0/1 reward (the extracted answer equals the row's 'answer'), centred per prompt's "
+        "group.",
     )
     reward_coef: float = _f(
         0.0,
@@ -299,34 +303,6 @@ def apply_overrides(cfg: Config, values: dict[str, Any]) -> Config:
     return Config(**{name: _SECTION_TYPES[name](**vals) for name, vals in sections.items()})
 
 
-def parse_kv(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise OpdError(f"bad override {item!r}: expected section.field=value")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def read_toml(path: str) -> dict[str, Any]:
-    """Flatten a TOML file with [section] tables into `section.field` keys."""
-    p = Path(path)
-    if not p.is_file():
-        raise OpdError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise OpdError(f"{path}: invalid TOML: {e}") from None
-    flat = {}
-    for section, table in data.items():
-        if not isinstance(table, dict):
-            raise OpdError(f"{path}: top-level key {section!r} must be a [section] table")
-        for name, value in table.items():
-            flat[f"{section}.{name}"] = value
-    return flat
-
-
 def build_config(toml_path: str | None, flags: dict[str, Any], overrides: list[str]) -> Config:
     cfg = Config()
     if toml_path:
@@ -378,6 +354,11 @@ def validate(cfg: Config) -> None:
     _check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, ">= 0")
     _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha, "> 0")
     _check(d.batch_prompts >= 1, "data.batch_prompts", d.batch_prompts, ">= 1")
+    if d.mix:
+        _check(0 < d.mix_ratio < 1, "data.mix_ratio", d.mix_ratio, "in (0, 1) with data.mix")
+        own = "empty unless objective.kind=sft without model.teacher (rows' own targets)"
+        _check(o.kind == "sft" and not m.teacher, "data.mix", d.mix, own)
+    _check(bool(d.mix) or d.mix_ratio == 0, "data.mix_ratio", d.mix_ratio, "0 without data.mix")
     _check(s.group_size >= 1, "sampling.group_size", s.group_size, ">= 1")
     _check(s.max_new_tokens >= 1, "sampling.max_new_tokens", s.max_new_tokens, ">= 1")
     _check(s.temperature > 0, "sampling.temperature", s.temperature, "> 0")

@@ -2,8 +2,10 @@
 
 A row is `{"prompt": str}` or `{"messages": [{"role": ..., "content": ...}, ...]}`, optionally
 with `"answer"` (a string or a number) and what only the teacher reads (`"teacher_prompt"`, a
-string, or `"teacher_messages"`, teachers/view.py); every other field is kept as metadata. Blank lines are
-skipped. Each field opd reads is checked for its type and for valid Unicode as the line is read.
+string, or `"teacher_messages"`, teachers/view.py); every other field is kept as metadata. For
+`opd sft` on data a row is also `{"text": str}`, a document trained on every token (documents.py).
+Blank lines are skipped. Each field opd reads is checked for its type and for valid Unicode as
+the line is read.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import torch
 
+from opd.documents import is_document, special_prefix, split_document
 from opd.errors import OpdError
 
 
@@ -25,7 +28,8 @@ class Prompt:
     ids: list[int]
     row: dict[str, Any]  # the JSONL object (answer, metadata)
     where: str  # "file:line", for error messages
-    completion_ids: list[int] | None = None  # the row's "completion" + EOS, for SFT on data
+    # SFT on data: the row's "completion" + EOS, or a document's chunk (EOS on its last one)
+    completion_ids: list[int] | None = None
     unknown: int = 0  # tokens that are the unknown token for text outside the vocabulary
 
 
@@ -98,6 +102,18 @@ def check_row(row: dict[str, Any], where: str) -> None:
                     f"{where}: '{name}' must be a string, got {type(row[name]).__name__}"
                 )
             texts.append((name, row[name]))
+    if is_document(row):
+        text = row["text"]
+        if not isinstance(text, str):
+            raise OpdError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise OpdError(f"{where}: empty 'text' (a document row needs some text)")
+        if "completion" in row:
+            raise OpdError(
+                f"{where}: a 'text' row is a document, trained on every token; "
+                "'completion' belongs with a 'prompt' or 'messages'"
+            )
+        texts.append(("text", text))
     for key in ("messages", "teacher_messages"):
         if key not in row:
             continue
@@ -167,6 +183,10 @@ def prompt_text(row: dict[str, Any], tokenizer, where: str) -> tuple[str, bool]:
         if not row["prompt"].strip():
             raise OpdError(f"{where}: empty prompt")
         return row["prompt"], True
+    if is_document(row):
+        raise OpdError(
+            f"{where}: a 'text' row (a document) trains only with `opd sft` without a teacher"
+        )
     raise OpdError(f"{where}: row has neither 'prompt' nor 'messages'")
 
 
@@ -223,6 +243,11 @@ class Encoder:
             )
         return ids, unknown
 
+    def document(self, row: dict[str, Any], where: str) -> tuple[list[int], int]:
+        """A document's ids (no special tokens, no EOS) and how many are the unknown token."""
+        ids = list(self.tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+        return ids, self.unknown_tokens(row["text"], ids, where, "text")
+
     def unknown_tokens(self, text: str, ids: list[int], where: str, what: str) -> int:
         """How many of ids stand for text outside the vocabulary; an error unless 'unk'."""
         tok, unk = self.tokenizer, self.tokenizer.unk_token_id
@@ -259,18 +284,24 @@ def load_prompts(
     max_completion_tokens: int | None = None,
     rows: list[tuple[int, dict[str, Any]]] | None = None,
     unknown: str = "error",
+    context: int | None = None,
 ) -> tuple[list[Prompt], int]:
     """Read and encode every row; returns (prompts, number skipped as overlong).
 
-    With max_completion_tokens set, every row must also have a "completion" string (SFT on
-    data); it is encoded without special tokens and EOS is appended. rows: what
-    `read_jsonl(path)` returned, when the caller has read the file already. unknown: what
+    With max_completion_tokens set (SFT on data), every row must also have a "completion"
+    string, encoded without special tokens and with EOS appended, or be a `{"text"}` document,
+    which becomes one row or more, each at most `context` tokens (`document_prompts`). rows:
+    what `read_jsonl(path)` returned, when the caller has read the file already. unknown: what
     text outside the vocabulary does, 'error' or 'unk' (`Encoder`).
     """
-    prompts, skipped = [], 0
+    prompts, skipped, prefix = [], 0, None
     encoder = Encoder(tokenizer, unknown)
     for lineno, row in rows if rows is not None else read_jsonl(path):
         where = f"{path}:{lineno}"
+        if is_document(row) and max_completion_tokens is not None:
+            prefix = special_prefix(tokenizer) if prefix is None else prefix
+            prompts += document_prompts(row, where, encoder, prefix, context)
+            continue
         text, add_special = prompt_text(row, tokenizer, where)
         if n_bytes := encoder.too_long(text, max_prompt_tokens):  # before tokenising it
             length = f"{n_bytes} bytes, far more than {max_prompt_tokens} tokens can hold"
@@ -292,6 +323,31 @@ def load_prompts(
     if not prompts:
         raise OpdError(f"{path}: every prompt was skipped as overlong ({skipped} rows)")
     return prompts, skipped
+
+
+def document_prompts(
+    row: dict[str, Any], where: str, encoder: Encoder, prefix: list[int], context: int | None
+) -> list[Prompt]:
+    """A document's rows, in order (documents.split_document); `where` names the part when
+    the document is cut into several."""
+    ids, unknown = encoder.document(row, where)
+    if not ids:
+        raise OpdError(f"{where}: 'text' encodes to no tokens")
+    if context is not None and context <= max(len(prefix), 1):
+        raise OpdError(f"{where}: the models' {context}-token context leaves no room for text")
+    tok = encoder.tokenizer
+    chunks = split_document(ids, prefix, tok.eos_token_id, context)
+    n = len(chunks)
+    return [
+        Prompt(
+            prompt,
+            row,
+            where if n == 1 else f"{where} (part {i}/{n})",
+            completion,
+            completion.count(tok.unk_token_id) if unknown else 0,
+        )
+        for i, (prompt, completion) in enumerate(chunks, 1)
+    ]
 
 
 def step_indices(

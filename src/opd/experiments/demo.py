@@ -130,6 +130,7 @@ def _train_from_scratch(
     log,
     name: str,
     plan: str,
+    max_positions: int = 128,
 ) -> bool:
     """`opd sft` of a fresh tiny Llama into stage_dir/final; returns True when it was cached."""
     if (stage_dir / "final").is_dir():
@@ -137,7 +138,13 @@ def _train_from_scratch(
         return True
     log(plan)
     model = tiny.tiny_model(
-        tok, hidden=hidden, layers=layers, heads=4, kv_heads=4, max_positions=128, seed=seed
+        tok,
+        hidden=hidden,
+        layers=layers,
+        heads=4,
+        kv_heads=4,
+        max_positions=max_positions,
+        seed=seed,
     )
     init = tiny.save(model, tok, stage_dir / "init")
     _stage(

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from opd.errors import OpdError
+from opd.experiments.personal_report import continual_section, personalization_section
 
 METHOD_LABEL = {
     "opd": "on-policy distillation (sampled-token, the blog's)",
@@ -292,7 +293,14 @@ def _sweep(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     return "\n".join(lines + [""]), []
 
 
-SECTIONS = {"math": _math, "lr-sweep": _sweep, "single-prompt": _single, "self-distill": _self}
+SECTIONS = {
+    "math": _math,
+    "lr-sweep": _sweep,
+    "single-prompt": _single,
+    "self-distill": _self,
+    "personalization": personalization_section,
+    "continual": continual_section,
+}
 
 
 def experiment_section(result: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
