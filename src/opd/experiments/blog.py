@@ -432,10 +432,6 @@ def run_experiment(
         "task": f"{st.settings.digits}-digit addition, digit by digit",
         "wall_seconds": round(time.time() - t0, 1),
     }
-    (root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    from opd.experiments.report import experiment_section
+    from opd.experiments.report import save_results
 
-    text, _ = experiment_section(result, root)
-    (root / "report.md").write_text(text)
-    print(text)
-    return result
+    return save_results(result, root)

@@ -310,6 +310,15 @@ def experiment_section(result: dict, root: Path) -> tuple[str, list[tuple[str, s
     return SECTIONS[kind](result, root)
 
 
+def save_results(result: dict, root: Path) -> dict:
+    """An experiment's end: results.json and report.md in `root`, the report printed."""
+    (root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    text, _ = experiment_section(result, root)
+    (root / "report.md").write_text(text)
+    print(text)
+    return result
+
+
 def write_report(dirs: list[str], out: str | None = None) -> Path:
     """One markdown file: the claims table, then each experiment's section (plots linked)."""
     sections, claims = [], []
