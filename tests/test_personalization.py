@@ -90,3 +90,20 @@ def test_report_has_the_claims(personal, tmp_path):
 
     text = write_report([str(personal[0])], str(tmp_path / "r.md")).read_text()
     assert "OPD from the earlier assistant restores IF" in text
+
+
+def test_sweep(personal, tmp_path, cache):
+    out = tmp_path / "s"
+    r = _experiment("personalization-sweep", out, cache)
+    # the same chat rows and base documents (one more new set in the world): the same assistant
+    assert r["assistant_cached"] and r["assistant"]["if"] == personal[1]["assistant"]["if"]
+    assert r["set"] == len(r["seeds"]) == 2  # a set no reported seed reads
+    assert set(r["lora"]) == {"0.01"} and r["best"]["lora"] == "0.01"
+    for name in ("opd", "opd_full", "sft_self"):
+        assert set(r[name]) == {"0.001", "0.0001"}
+        for m in r[name].values():
+            _fractions({k: v for k, v in m.items() if k != "balance"})
+            assert m["balance"] <= m["qa_new"] / max(r["midtrain"]["qa_new"], 1e-9) + 1e-9
+        assert r["best"][name] == max(r[name], key=lambda lr: r[name][lr]["balance"])
+        assert (out / f"{name}-0.0001" / "metrics.jsonl").is_file()
+    assert "| OPD (sampled-token) | " in (out / "report.md").read_text()

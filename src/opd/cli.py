@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser(
         "experiment",
         help="the blog's comparisons on the demo's task (math, lr-sweep, single-prompt, "
-        "self-distill); personalization and continual: mid-training on new documents, then OPD",
+        "self-distill); personalization and continual: mid-training on new documents, then OPD "
+        "(personalization-sweep: their learning rates)",
     )
     ex.add_argument(
         "name",
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
             "self-distill",
             "personalization",
             "continual",
+            "personalization-sweep",
         ],
     )
     ex.add_argument(
@@ -304,7 +306,7 @@ def run(argv: list[str] | None = None) -> int:
             run_seeds(args.out, preset, args.seeds, args.cache_dir, quiet=not args.verbose)
         else:
             run_demo(args.out, preset, args.seed, args.cache_dir, quiet=not args.verbose)
-    elif args.command == "experiment" and args.name in ("personalization", "continual"):
+    elif args.command == "experiment" and args.name.startswith(("personalization", "continual")):
         from opd.experiments.personalization import run as run_personal
 
         for flag in ("sft_stop_at", "teacher_stop_at", "rl_steps"):

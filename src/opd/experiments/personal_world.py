@@ -15,6 +15,7 @@ documents mixed in (data.mix), once per settings, and cached like the demo's sta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -49,17 +50,21 @@ class Settings:
     mid_lr: float = 1e-3
     mix_ratio: float = 0.3  # the mixed variant: share of chat rows among the documents
     lora_rank: int = 16
-    lora_lr: float = 1e-2
+    # lora_lr, opd_lr and sft_lr: what `opd experiment personalization-sweep` picks
+    lora_lr: float = 3e-3
     opd_steps: int = 60
-    opd_lr: float = 1e-3
+    opd_lr: float = 1e-4  # the sampled-token estimator
+    opd_full_lr: float = 1e-4  # the full-vocabulary reverse KL (and continual's OPD)
     continual_loss: str = "full"  # objective.loss of continual's OPD runs
-    sft_lr: float = 1e-3  # SFT on the assistant's own samples (the blog's control)
+    sft_lr: float = 3e-4  # SFT on the assistant's own samples (the blog's control)
     opd_prompts: int = 16
     opd_group: int = 4
     max_new: int = 56  # the longest response (a keyword rule) is 48 characters and EOS
     seeds: tuple[int, ...] = (0, 1, 2)
     phases: int = 3  # continual
     variants: tuple[str, ...] = ("documents", "mixed", "lora")
+    sweep_lrs: tuple[float, ...] = (1e-3, 3e-4, 1e-4)  # personalization-sweep: OPD and SFT
+    sweep_lora_lrs: tuple[float, ...] = (1e-2, 3e-3, 1e-3, 3e-4)
 
 
 @dataclass
@@ -116,7 +121,8 @@ def build_world(s: Settings, cache_dir: str | None, n_sets: int) -> World:
 def train_assistant(w: World, quiet: bool, log) -> World:
     """The assistant: `opd sft` from scratch on the chat rows with the base documents mixed in."""
     s = w.settings
-    key = _key("assistant", w.dir.name, s.hidden, s.layers, s.assistant_steps, s.assistant_lr,
+    data = [hashlib.sha256(f.read_bytes()).hexdigest() for f in (w.chat, w.docs_base)]
+    key = _key("assistant", data, s.hidden, s.layers, s.assistant_steps, s.assistant_lr,
                s.assistant_docs, s.batch)  # fmt: skip
     stage = w.cache / f"assistant-{key}"
     t0 = time.time()

@@ -15,6 +15,10 @@ continual (the first seed): K phases, each mid-training on a new document set, t
 the previous phase's model ("previous") or from the original assistant ("original"), against
 mid-training alone; IF and the questions of every phase so far after every stage.
 
+personalization-sweep: the learning rates of the runs above (LoRA mid-training; OPD, OPD full,
+SFT on the assistant's samples) on a new set and seed that no reported seed uses; the defaults
+in Settings are its picks.
+
 Left out: the blog's real models and IF-eval itself, and OPD from the mixed or LoRA variants.
 The assistant is trained once per settings (cached); seeds vary the new documents and the runs.
 """
@@ -47,11 +51,15 @@ PRESETS = {
         batch=8,
         mid_steps=6,
         opd_steps=3,
+        opd_lr=1e-3,  # 3 steps: a rate that moves the student visibly
+        opd_full_lr=1e-3,
         opd_prompts=4,
         opd_group=2,
         seeds=(0, 1),
         phases=2,
         lora_rank=2,
+        sweep_lrs=(1e-3, 1e-4),
+        sweep_lora_lrs=(1e-2,),
     ),  # fmt: skip
 }
 
@@ -91,7 +99,7 @@ def restore(
             "model.teacher": str(teacher),
             "data.prompts": str(w.if_prompts),
             "run.steps": s.opd_steps,
-            "optim.lr": s.opd_lr if kind == "opd" else s.sft_lr,
+            "optim.lr": _rate(s, kind, loss),
             **({"objective.loss": loss} if kind == "opd" else {}),
             "data.batch_prompts": s.opd_prompts,
             "sampling.group_size": s.opd_group,
@@ -100,6 +108,12 @@ def restore(
         },  # fmt: skip
         quiet,
     )
+
+
+def _rate(s: Settings, kind: str, loss: str) -> float:
+    if kind == "sft":
+        return s.sft_lr
+    return s.opd_full_lr if loss == "full" else s.opd_lr
 
 
 # the runs that restore behaviour from the documents-only model: OPD with the blog's sampled-token
@@ -174,12 +188,55 @@ def run_continual(w: World, root: Path, quiet: bool, log) -> dict:
             "midtrain_only": tracks["midtrain_only"]}  # fmt: skip
 
 
+def _balance(m: dict, assistant_if: float, mid_qa: float) -> float:
+    """How much of both a restoring run keeps: the lesser of IF over the assistant's and QA
+    on the new people over the mid-trained model's (the issue's two targets, both >= 0.95)."""
+    return min(m["if"] / max(assistant_if, 1e-9), m["qa_new"] / max(mid_qa, 1e-9))
+
+
+def run_sweep(w: World, root: Path, quiet: bool, log, assistant_if: float) -> dict:
+    """Learning rates on new set k = len(s.seeds) with seed k, which no reported seed reads:
+    LoRA mid-training, and each restoring run (RESTORE) from the documents-only model."""
+    s = w.settings
+    k = len(s.seeds)
+    mid, _ = midtrain(w, w.assistant, w.docs_new[k], "documents", k, root / "midtrain", quiet)
+    res = {"set": k, "midtrain": _scores(measure(mid, w, [k]))}
+    log(f"set {k}: mid-trained (documents): {_fmt(res['midtrain'])}")
+    res["lora"] = {}
+    for lr in s.sweep_lora_lrs:
+        w_lr = replace(w, settings=replace(s, lora_lr=lr))
+        model, _ = midtrain(
+            w_lr, w.assistant, w.docs_new[k], "lora", k, root / f"lora-{lr:g}", quiet
+        )
+        res["lora"][f"{lr:g}"] = m = _scores(measure(model, w, [k]))
+        log(f"set {k}: mid-trained (lora, lr {lr:g}): {_fmt(m)}")
+    for kind, loss, name in RESTORE:
+        res[name] = {}
+        for lr in s.sweep_lrs:
+            w_lr = replace(w, settings=replace(s, opd_lr=lr, opd_full_lr=lr, sft_lr=lr))
+            model, _ = restore(
+                w_lr, mid, w.assistant, kind, k, root / f"{name}-{lr:g}", quiet, loss
+            )
+            m = _scores(measure(model, w, [k]))
+            m["balance"] = _balance(m, assistant_if, res["midtrain"]["qa_new"])
+            res[name][f"{lr:g}"] = m
+            log(f"set {k}: {name}, lr {lr:g}: {_fmt(m)}")
+    res["best"] = {name: max(res[name], key=lambda lr: res[name][lr]["balance"])
+                   for _, _, name in RESTORE}  # fmt: skip
+    res["best"]["lora"] = max(res["lora"], key=lambda lr: res["lora"][lr]["qa_new"])
+    return res
+
+
 def _fmt1(x) -> str:
     return f"[{', '.join(f'{v:.0%}' for v in x)}]" if isinstance(x, list) else f"{x:.0%}"
 
 
 def _fmt(scores: dict) -> str:
-    return ", ".join(f"{k} {v:.0%}" for k, v in scores.items() if k != "flops")
+    return ", ".join(
+        f"{k} {v:.2f}" if k == "balance" else f"{k} {v:.0%}"
+        for k, v in scores.items()
+        if k != "flops"
+    )
 
 
 def run(name: str, out: str, preset: str = "default", cache_dir: str | None = None,
@@ -192,15 +249,18 @@ def run(name: str, out: str, preset: str = "default", cache_dir: str | None = No
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
-    n_sets = len(s.seeds) if name == "personalization" else s.phases
+    n_sets = {"personalization": len(s.seeds), "continual": s.phases}.get(name, len(s.seeds) + 1)
     w = train_assistant(build_world(s, cache_dir, max(n_sets, len(s.seeds), s.phases)), quiet, log)
     base = measure(w.assistant, w, list(range(n_sets)))
     assistant = {"if": base["if"], "qa_base": base["qa_base"], "qa_new": base["qa"]}
     log(f"assistant: if {base['if']:.0%}, qa_base {base['qa_base']:.0%}, questions on the new "
         f"people (not read yet) {_fmt1(base['qa'])}")  # fmt: skip
-    runner = run_personalization if name == "personalization" else run_continual
     result = {"experiment": name, "seeds": list(s.seeds), "assistant": assistant}
-    result |= runner(w, root, quiet, log)
+    if name == "personalization-sweep":
+        result |= run_sweep(w, root, quiet, log, base["if"])
+    else:
+        runner = run_personalization if name == "personalization" else run_continual
+        result |= runner(w, root, quiet, log)
     result |= {
         "preset": preset,
         "settings": asdict(s),

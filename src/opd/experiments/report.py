@@ -13,7 +13,11 @@ import statistics
 from pathlib import Path
 
 from opd.errors import OpdError
-from opd.experiments.personal_report import continual_section, personalization_section
+from opd.experiments.personal_report import (
+    continual_section,
+    personalization_section,
+    sweep_section,
+)
 
 METHOD_LABEL = {
     "opd": "on-policy distillation (sampled-token, the blog's)",
@@ -300,6 +304,7 @@ SECTIONS = {
     "self-distill": _self,
     "personalization": personalization_section,
     "continual": continual_section,
+    "personalization-sweep": sweep_section,
 }
 
 
