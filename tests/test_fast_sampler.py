@@ -37,9 +37,12 @@ def as_prompts(tok, words=WORDS):
 def model_for(tok, arch: str, seed: int = 0):
     """Tiny random models: grouped-query attention (4 heads, 2 kv heads) unless named otherwise.
 
-    "llama-mha" has one kv head per head; "mistral" has 4 query heads per kv head and a
-    head_dim (8) that is not hidden / heads; "qwen2" has q/k/v biases and padded embeddings.
+    "llama-mha" has one kv head per head; "llama-tied" shares its input embedding with its LM
+    head; "mistral" has 4 query heads per kv head and a head_dim (8) that is not hidden / heads;
+    "qwen2" has q/k/v biases and padded embeddings.
     """
+    if arch == "llama-tied":
+        return tiny.tiny_model(tok, hidden=32, layers=2, kv_heads=2, seed=seed, tied=True)
     if arch in ("llama", "qwen3", "llama-mha"):
         kv_heads = 4 if arch == "llama-mha" else 2
         arch = arch.removesuffix("-mha")
@@ -99,7 +102,7 @@ def batch_sizes_seen(model) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-mha", "qwen3", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "llama-mha", "llama-tied", "qwen3", "qwen2", "mistral"])
 def test_sampler_logprobs_equal_trainer_logprobs(tok, arch):
     model = model_for(tok, arch)
     assert kv_supported(model) is None

@@ -59,17 +59,19 @@ def reference_and_fused(model, tok, loss_kind, chunk, clip=0.0):
 
 
 @pytest.mark.parametrize(
-    "arch,loss_kind,chunk,clip",
+    "arch,loss_kind,chunk,clip,tied",
     [
-        ("llama", "pg", 1, 0.0),
-        ("llama", "pg", 7, 0.2),  # PPO clipping: some tokens get no gradient
-        ("llama", "sft", 1000, 0.0),
-        ("qwen3", "pg", 16, 0.0),
+        ("llama", "pg", 1, 0.0, False),
+        ("llama", "pg", 7, 0.2, False),  # PPO clipping: some tokens get no gradient
+        ("llama", "sft", 1000, 0.0, False),
+        ("qwen3", "pg", 16, 0.0, False),
+        ("llama", "pg", 5, 0.0, True),  # the head is the input embedding: both gradients add
     ],
 )
-def test_fused_loss_equals_the_full_logits_path(tok, arch, loss_kind, chunk, clip):
+def test_fused_loss_equals_the_full_logits_path(tok, arch, loss_kind, chunk, clip, tied):
     # vocab_pad: padded embedding rows must take no mass and get no gradient
-    model = tiny.tiny_model(tok, arch=arch, hidden=32, layers=2, vocab_pad=7, seed=3)
+    model = tiny.tiny_model(tok, arch=arch, hidden=32, layers=2, vocab_pad=7, seed=3, tied=tied)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
     (ref, loss, lp), (fused, loss_f, lp_f) = reference_and_fused(model, tok, loss_kind, chunk, clip)
     assert torch.allclose(lp, lp_f, atol=1e-5)
     assert loss_f.item() == pytest.approx(loss.item(), abs=1e-6)

@@ -76,10 +76,12 @@ def tiny_model(
     vocab_pad: int = 0,
     seed: int = 0,
     intermediate: int | None = None,
+    tied: bool = False,
 ):
     """A randomly initialised Llama or Qwen3 causal LM sized for CPU tests.
 
-    vocab_pad adds embedding rows beyond the tokenizer, as Qwen does (151936 -> 152064).
+    vocab_pad adds embedding rows beyond the tokenizer, as Qwen does (151936 -> 152064); tied
+    shares the input embedding with the LM head, as small released models do.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
@@ -94,7 +96,7 @@ def tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     if arch == "llama":
         config = LlamaConfig(**common)
