@@ -23,18 +23,15 @@ Rows printed (seconds, median and min-max over --rounds after one warm-up; A/B a
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import statistics
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from fixed_length import never_sample_eos  # benchmarks/, beside this file
-from vs_trl import CACHE, bpe_tokenizer
+from vs_trl import CACHE, bpe_tokenizer, build_opd
 
 TEACHER = dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536)
 STUDENT = dict(TEACHER, layers=11)
@@ -64,35 +61,15 @@ def build() -> Path:
 
 
 def opd_parts(root: Path, args, fast: bool):
-    from opd.build import build_run
-    from opd.config import build_config
-    from opd.distributed import setup
-
-    cfg = build_config(
-        None,
-        {
-            "model.student": str(root / "student"),
-            "model.teacher": str(root / "teacher"),
-            "model.dtype": args.dtype,
-            "model.teacher_dtype": args.dtype,
-            "data.prompts": str(root / "prompts.jsonl"),
-            "data.batch_prompts": PROMPTS,
-            "sampling.group_size": GROUP,
-            "sampling.max_new_tokens": args.new_tokens,
-            "optim.lr": 1e-5,
-            "run.out": str(Path(tempfile.mkdtemp(prefix="opd-real-")) / "run"),
-            "run.steps": 10_000,
-            "run.save_every": 10_000,
-            "run.threads": args.threads,
-            "run.device": "cpu",
-            "run.preflight": False,
-            "run.fast_paths": fast,
-        },
-        [],
-    )
-    ctx = setup("cpu", args.threads)
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        return build_run(cfg, ctx)
+    flags = {
+        "data.batch_prompts": PROMPTS,
+        "sampling.group_size": GROUP,
+        "sampling.max_new_tokens": args.new_tokens,
+        "optim.lr": 1e-5,
+        "run.steps": 10_000,
+        "run.fast_paths": fast,
+    }
+    return build_opd(root, args.dtype, args.threads, "opd-real-", flags)
 
 
 def opd_step(parts, step: int) -> dict:

@@ -125,45 +125,54 @@ def mask_eos(student, eos_id: int) -> None:
 # ---------------------------------------------------------------------------------- children
 
 
-def child_opd(root: Path, args, loss: str) -> dict:
+def build_opd(root: Path, dtype: str, threads: int, prefix: str, flags: dict):
+    """An opd run (opd.build.Run) on the pair in `root`: both models in `dtype`, its prompts,
+    this CPU, no preflight, no checkpoints; `flags` sets the batch, the loss and the rest."""
     import contextlib
     import io
 
-    import torch
-    from fixed_length import never_sample_eos  # benchmarks/ is on sys.path
-
-    from opd.build import build_run as setup_run
+    from opd.build import build_run
     from opd.config import build_config
     from opd.distributed import setup
-    from opd.train import train_step
 
     cfg = build_config(
         None,
         {
             "model.student": str(root / "student"),
             "model.teacher": str(root / "teacher"),
-            "model.dtype": args.dtype,
-            "model.teacher_dtype": args.dtype,
+            "model.dtype": dtype,
+            "model.teacher_dtype": dtype,
             "data.prompts": str(root / "prompts.jsonl"),
-            "data.batch_prompts": BATCH_PROMPTS,
-            "sampling.group_size": GROUP,
-            "sampling.max_new_tokens": args.max_new_tokens,
-            "objective.loss": loss,
-            "optim.lr": LR,
-            "run.out": str(Path(tempfile.mkdtemp(prefix="opd-vs-trl-")) / "run"),
-            "run.steps": args.warmup + args.steps,
+            "run.out": str(Path(tempfile.mkdtemp(prefix=prefix)) / "run"),
             "run.save_every": 10_000,
-            "run.threads": args.threads,
+            "run.threads": threads,
             "run.device": "cpu",
             "run.preflight": False,
+            **flags,
         },
         [],
     )
+    ctx = setup("cpu", threads)
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        return build_run(cfg, ctx)
+
+
+def child_opd(root: Path, args, loss: str) -> dict:
+    import torch
+    from fixed_length import never_sample_eos  # benchmarks/ is on sys.path
     from floor import gemm_peak, parts_floor_flops  # benchmarks/ is on sys.path
 
-    ctx = setup("cpu", args.threads)
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        parts = setup_run(cfg, ctx)
+    from opd.train import train_step
+
+    flags = {
+        "data.batch_prompts": BATCH_PROMPTS,
+        "sampling.group_size": GROUP,
+        "sampling.max_new_tokens": args.max_new_tokens,
+        "objective.loss": loss,
+        "optim.lr": LR,
+        "run.steps": args.warmup + args.steps,
+    }
+    parts = build_opd(root, args.dtype, args.threads, "opd-vs-trl-", flags)
     never_sample_eos(parts.tokenizer.eos_token_id)
     rows = [train_step(step, parts) for step in range(args.warmup + args.steps)][args.warmup :]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the GEMMs below

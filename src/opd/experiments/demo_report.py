@@ -37,11 +37,18 @@ def demo_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(root: Path, curve, kl, teacher_acc: float, sft_acc: float) -> None:
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plots(root: Path, curve, kl, teacher_acc: float, sft_acc: float) -> None:
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label="student (OPD)")

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 from opd.experiments.demo import run_demo
+from opd.experiments.demo_report import pyplot
 
 # What the demo is meant to show on every seed (issue: "the demo works on every seed"): OPD ends
 # within 90% of the teacher, from an SFT student at most 70% of it.
@@ -60,11 +61,7 @@ def spread(results: list[dict]) -> dict:
 
 def seeds_plot(root: Path, results: list[dict]) -> None:
     """Every seed's OPD curve as a share of its teacher's accuracy, with the 90% line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         t = r["teacher"]["accuracy"] or 1.0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from opd.experiments.demo_report import pyplot
+
 # the blog's Table ("Personalization"): Qwen3-8B on internal documents
 BLOG = {
     "assistant": "IF-eval 85%, internal QA 18%",
@@ -30,15 +32,6 @@ def _pct(x) -> str:
     return "-" if x is None else f"{x:.0%}"
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def personalization_section(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     a = r["assistant"]
     qa = statistics.median(a["qa_new"]) if a["qa_new"] else None  # on each seed's new people
@@ -52,7 +45,7 @@ def personalization_section(r: dict, root: Path) -> tuple[str, list[tuple[str, s
         ("documents, then SFT on the assistant's samples", r["sft_self"]["if"],
          r["sft_self"]["qa_new"], r["sft_self"]["qa_base"]),
     ]  # fmt: skip
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [x[1] for x in rows], 0.4, label="instruction following")
@@ -108,7 +101,7 @@ def continual_section(r: dict, root: Path) -> tuple[str, list[tuple[str, str, st
         "OPD from the original assistant": r["phases_original_teacher"],
         "mid-training only": r["midtrain_only"],
     }
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (name, phases) in enumerate(tracks.items()):
         ks = range(1, len(phases) + 1)

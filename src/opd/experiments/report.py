@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from opd.errors import OpdError
+from opd.experiments.demo_report import pyplot
 from opd.experiments.personal_report import (
     continual_section,
     personalization_section,
@@ -69,15 +70,6 @@ def _ratio_or_bound(r: dict, key: str, opd: str) -> str:
     return "n/a" if bound is None else f"> {bound:.1f}x"
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _teacher_note(r: dict) -> str:
     if not r.get("teacher_stop_at"):
         return ""
@@ -101,7 +93,7 @@ def _sft_stop_at(r: dict) -> float:
 
 
 def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
-    plt = _plt()
+    plt = pyplot()
     for axis, name, xlabel in (
         (0, "math_steps.png", "optimizer step"),
         (1, "math_flops.png", "training FLOPs"),
@@ -191,7 +183,7 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
 
 
 def _single(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([c[0] for c in r["curve"]], [c[2] for c in r["curve"]], marker="o", label="student")
     ax.axhline(r["teacher_accuracy"], color="k", linestyle="--", label="teacher")
@@ -228,7 +220,7 @@ def _single(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
 
 
 def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (method, m) in enumerate(r["methods"].items()):
         label = {"sft": "SFT on its own samples", "opd": "OPD against itself"}[method]
