@@ -22,6 +22,7 @@ from pathlib import Path
 
 import vs_trl  # benchmarks/, beside this file
 from fixed_length import never_sample_eos
+from pairs import GROUP, PAIRS, build_pair
 
 from opd.build import build_run
 from opd.config import build_config
@@ -32,15 +33,13 @@ PHASES = ("sample", "teacher", "train", "step")
 
 
 def run(pair: str, rounds: int, steps: int, threads: int) -> dict[bool, list[dict]]:
-    root = vs_trl.CACHE / f"pair-{pair}"
-    if not (root / "prompts.jsonl").exists():
-        vs_trl.build_pair(pair, root)
+    root = build_pair(pair)
     overrides = {
         "model.student": str(root / "student"),
         "model.teacher": str(root / "teacher"),
         "data.prompts": str(root / "prompts.jsonl"),
-        "data.batch_prompts": vs_trl.BATCH_PROMPTS,
-        "sampling.group_size": vs_trl.GROUP,
+        "data.batch_prompts": PAIRS[pair]["batch_prompts"],
+        "sampling.group_size": GROUP,
         "sampling.max_new_tokens": 32,
         "optim.lr": vs_trl.LR,
         "run.out": str(Path(tempfile.mkdtemp(prefix="opd-fast-paths-")) / "run"),

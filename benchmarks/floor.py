@@ -23,6 +23,9 @@ each distinct prompt's tokens counted once per phase, every row's completion tok
 Not counted: softmax/log-softmax over the vocabulary, norms, RoPE, activations, the optimizer
 update. They are real time on a CPU (memory-bound), which is why a step cannot reach 1.0x.
 
+On a CPU without bf16 matrix kernels (AVX2), torch's bf16 GEMM runs at a few GFLOP/s; the
+floor then uses the float32 peak, which is how opd multiplies bf16 there (`fast/upcast.py`).
+
     python benchmarks/floor.py [--threads 2] [--dtype float32|bfloat16]   # GEMM peak only
     (benchmarks/vs_trl.py and benchmarks/step_time.py report the step's floor multiple)
 """
@@ -112,7 +115,16 @@ def parts_floor_flops(parts, batch, prompts_once: bool = False) -> dict[str, int
 
 
 def gemm_peak(dtype: torch.dtype, threads: int, sizes=(1024, 2048), repeats: int = 5) -> float:
-    """Best median FLOP/s of square matrix multiplies on this machine (the floor's denominator)."""
+    """Best median FLOP/s of square matrix multiplies on this machine (the floor's denominator).
+
+    For bf16/fp16 on a CPU without kernels for them (`opd.fast.upcast.slow_half`), the
+    float32 peak: the same products, the way opd's fast paths multiply them there (torch's own
+    half GEMM runs at a few GFLOP/s on such a CPU: `python benchmarks/hot_paths.py --half`).
+    """
+    from opd.fast.upcast import slow_half
+
+    if slow_half(dtype):
+        dtype = torch.float32
     torch.set_num_threads(threads)
     best = 0.0
     for n in sizes:

@@ -22,9 +22,14 @@ against the plain alternative on the shapes of benchmarks/vs_trl.py (fp32, 2 thr
                 shifted logits, the draw on unnormalised mass (before) vs softmax's row kernel
                 and the draw (`samplers.hf.sample_token`).
 
-The variants of each row alternate for --rounds rounds; the median is printed.
+    half        with --half: a bf16 linear's forward and backward (the real pair's MLP,
+                752 x 576 @ 576 x 1536) through torch's bf16 kernels vs `upcast.linear`
+                (float32 multiplies; what the fast paths run on a CPU without bf16 kernels).
 
-    python benchmarks/hot_paths.py [--rounds 15] [--threads 2]
+The variants of each row alternate for --rounds rounds (at most 3 for --half); the median is
+printed.
+
+    python benchmarks/hot_paths.py [--rounds 15] [--threads 2] [--half]
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from opd.draw import inverse_cdf_sample, sample_token
 from opd.fast.heads import head_logits, log_softmax_chunk
 from opd.fast.llama import one_query_attention
 from opd.fast.packed import PackedLinears
+from opd.fast.upcast import linear as upcast_linear
+from opd.fast.upcast import slow_half
 
 
 def timed(variants: dict, rounds: int, repeat: int) -> dict[str, float]:
@@ -157,6 +164,22 @@ def packed_cases(rounds: int) -> list[tuple[str, dict[str, float]]]:
     return out
 
 
+def half_case(rounds: int) -> tuple[str, dict[str, float]]:
+    """A bf16 linear's forward and backward on the real pair's MLP shape (benchmarks/pairs.py)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 1536, bias=False).bfloat16()
+    x = torch.randn(752, 576).bfloat16().requires_grad_()
+    g = torch.randn(752, 1536).bfloat16()
+
+    def run(linear):
+        linear(lin, x).backward(g)
+
+    label = f"bf16 linear fwd+bwd 752 x 576 @ 576 x 1536 (slow_half: {slow_half(torch.bfloat16)})"
+    variants = {"module (torch's bf16)": partial(run, torch.nn.Module.__call__)}
+    variants["opd upcast (float32)"] = partial(run, upcast_linear)
+    return label, timed(variants, min(rounds, 3), 1)
+
+
 def draw_case(rounds: int) -> tuple[str, dict[str, float]]:
     g = torch.Generator().manual_seed(0)
     p_BV = torch.softmax(3 * torch.randn(64, 32_000, generator=g), -1)
@@ -219,6 +242,7 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--half", action="store_true", help="also a bf16 linear, torch's vs upcast")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cases = [
@@ -229,6 +253,7 @@ def main() -> None:
         draw_case(args.rounds),
         log_softmax_case(args.rounds),
         token_case(args.rounds),
+        *([half_case(args.rounds)] if args.half else []),
     ]
     print(f"| case | variant | ms (median of {args.rounds}) |\n|---|---|---|")
     for label, result in cases:

@@ -1,11 +1,9 @@
 """Where an opd step's time goes on the shapes of a real small model, against a plain
 transformers loop on the same batch.
 
-The pair (random weights built here: speed does not depend on what the weights learned):
-  teacher  SmolLM2-135M's shape: Llama, hidden 576, 30 layers, 9 heads and 3 KV heads (head 64),
-           intermediate 1536, tied embeddings, max_position_embeddings 8192, a 49152-token
-           byte-level BPE (built here by vs_trl.bpe_tokenizer)
-  student  the same with 11 layers (67M parameters)
+The pair is pairs.py's "real" (random weights built here): a SmolLM2-135M-shaped teacher
+(Llama, hidden 576, 30 layers, 9 heads and 3 KV heads of 64, intermediate 1536, tied
+embeddings, 8192 positions, a 49152-token byte-level BPE) and an 11-layer student (67M).
 Batch: 4 prompts of 37 tokens x 4 samples x --new-tokens new tokens, EOS never drawn
 (fixed_length.py), so every row decodes the full length.
 
@@ -25,39 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 from fixed_length import never_sample_eos  # benchmarks/, beside this file
-from vs_trl import CACHE, bpe_tokenizer, build_opd
+from pairs import GROUP, PAIRS, build_opd, build_pair
 
-TEACHER = dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536)
-STUDENT = dict(TEACHER, layers=11)
-PROMPTS, GROUP, PROMPT_TOKENS = 4, 4, 37
-
-
-def build() -> Path:
-    from opd import tiny
-
-    root = CACHE / "real-135m"
-    if (root / "prompts.jsonl").exists():
-        return root
-    tok = bpe_tokenizer(49152)
-    for i, (role, shape) in enumerate((("student", STUDENT), ("teacher", TEACHER))):
-        model = tiny.tiny_model(tok, seed=i, max_positions=8192, tied=True, **shape)
-        tiny.save(model, tok, root / role)
-    text = " ".join(
-        line.strip()
-        for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]
-        for line in path.read_text(errors="ignore").splitlines()
-    )
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    n = PROMPT_TOKENS - 1  # the BOS the tokenizer adds
-    rows = [{"prompt": tok.decode(ids[k * n : (k + 1) * n])} for k in range(64)]
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+PROMPTS = PAIRS["real"]["batch_prompts"]
 
 
 def opd_parts(root: Path, args, fast: bool):
@@ -154,7 +127,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile one opd fast step instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    root = build()
+    root = build_pair("real")
     fast = opd_parts(root, args, fast=True)
     never_sample_eos(fast.tokenizer.eos_token_id)
     if args.profile:

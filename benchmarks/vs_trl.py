@@ -1,18 +1,15 @@
 """opd distill vs TRL's DistillationTrainer on the same CPU work: step time, tokens/s, peak RSS.
 
-Both get identical models, prompts, batch (64 completions: opd 16 prompts x 4, TRL the same 16
-prompts each repeated 4 times, one completion per row), max new tokens, learning rate, seed,
-precision and threads. TRL runs fully on-policy with beta=1 (reverse KL), gradient
-checkpointing off. Every completion is exactly --max-new-tokens long: EOS is masked in both
-samplers (a forward hook on TRL's student head, which only its generation calls; opd's draw,
-fixed_length.py) and in neither loss, which makes the trained work identical: 64 x
+Both get identical models, prompts, batch (the pair's prompts x 4 completions: opd samples 4
+per prompt, TRL gets each prompt repeated 4 times, one completion per row), max new tokens,
+learning rate, seed, precision and threads. TRL runs fully on-policy with beta=1 (reverse KL),
+gradient checkpointing off. Every completion is exactly --max-new-tokens long: EOS is masked in
+both samplers (a forward hook on TRL's student head, which only its generation calls; opd's
+draw, fixed_length.py) and in neither loss, which makes the trained work identical: rows x
 max-new-tokens completion tokens per step.
 
-Two model pairs (randomly initialised Llama, untied embeddings):
-  small  ~20-token character vocabulary; student 0.4M (h128 L2), teacher 3.2M (h256 L4)
-  large  32k byte-level BPE built here with `tokenizers` from this Python's standard library
-         source; student h256 L2 (4x the small student's body), teacher h256 L4. The LM heads
-         dominate, so full-vocabulary tensors decide the time and memory.
+The pairs (pairs.py): small and large (16 prompts, 64 rows: toy shapes, untied), and real (a
+SmolLM2-135M-shaped teacher and a 67M student, tied, 49k vocabulary; 4 prompts, 16 rows).
 
 Each (framework, pair, precision) runs in its own process, so peak RSS is its own. A/B order
 alternates over --rounds; each process runs --warmup steps, then --steps timed steps. Reported:
@@ -24,137 +21,32 @@ gives the median over processes and their range.
 opd runs twice: its default loss (sampled-token reverse KL, the blog's) and `--loss full` (the
 full-vocabulary reverse KL that TRL's beta=1 computes).
 
-    python benchmarks/vs_trl.py [--pairs small,large] [--dtypes float32,bfloat16] [--rounds 3]
-Writes benchmarks/results/vs_trl.json and prints a markdown table.
+    python benchmarks/vs_trl.py [--pairs small,large,real] [--dtypes float32,bfloat16]
+                                [--rounds 3] [--max-new-tokens 32[,256...]] [--out FILE]
+Writes benchmarks/results/vs_trl.json (or --out) and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
+from pairs import GROUP, PAIRS, build_opd, build_pair, mask_eos  # benchmarks/, beside this file
+
 HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("OPD_CACHE", Path.home() / ".cache" / "opd")) / "bench"
-PAIRS = {
-    "small": dict(
-        student=dict(hidden=128, layers=2, heads=4, kv_heads=4, intermediate=352),
-        teacher=dict(hidden=256, layers=4, heads=8, kv_heads=8, intermediate=704),
-    ),
-    "large": dict(
-        student=dict(hidden=256, layers=2, heads=4, kv_heads=4, intermediate=704),
-        teacher=dict(hidden=256, layers=4, heads=8, kv_heads=8, intermediate=704),
-    ),
-}
-BATCH_PROMPTS, GROUP = 16, 4
 LR = 1e-4
 
 
-# ---------------------------------------------------------------------------------- models
-
-
-def bpe_tokenizer(vocab_size: int = 32_000):
-    """Byte-level BPE trained on the standard library's .py files (cached: ~1 min to build)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    path = CACHE / f"bpe{vocab_size}"
-    if (path / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    files = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train(files, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    fast.save_pretrained(str(path))
-    return fast
-
-
-def prompts(pair: str, tokenizer, n: int = 256) -> list[str]:
-    rng = random.Random(0)
-    if pair == "small":
-        return [f"{rng.randint(100, 999)}+{rng.randint(100, 999)}=" for _ in range(n)]
-    lines = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]:
-        lines += [ln.strip() for ln in path.read_text(errors="ignore").splitlines()]
-    lines = [ln for ln in lines if 8 <= len(tokenizer(ln)["input_ids"]) <= 24]
-    return rng.sample(lines, n)
-
-
-def build_pair(pair: str, root: Path) -> None:
-    from opd import tiny
-
-    tok = tiny.char_tokenizer(chars="0123456789+=,;:.") if pair == "small" else bpe_tokenizer()
-    for i, role in enumerate(("student", "teacher")):
-        model = tiny.tiny_model(tok, seed=i, **PAIRS[pair][role])
-        tiny.save(model, tok, root / role)
-    rows = prompts(pair, tok)
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
-
-
-def mask_eos(student, eos_id: int) -> None:
-    """TRL's completions run to max_new_tokens: its sampler never sees EOS as possible (its
-    loss reads the head's weight, so only generation sees this hook)."""
-
-    def hook(module, inputs, logits):
-        logits[..., eos_id] = float("-inf")
-        return logits
-
-    student.get_output_embeddings().register_forward_hook(hook)
-
-
 # ---------------------------------------------------------------------------------- children
-
-
-def build_opd(root: Path, dtype: str, threads: int, prefix: str, flags: dict):
-    """An opd run (opd.build.Run) on the pair in `root`: both models in `dtype`, its prompts,
-    this CPU, no preflight, no checkpoints; `flags` sets the batch, the loss and the rest."""
-    import contextlib
-    import io
-
-    from opd.build import build_run
-    from opd.config import build_config
-    from opd.distributed import setup
-
-    cfg = build_config(
-        None,
-        {
-            "model.student": str(root / "student"),
-            "model.teacher": str(root / "teacher"),
-            "model.dtype": dtype,
-            "model.teacher_dtype": dtype,
-            "data.prompts": str(root / "prompts.jsonl"),
-            "run.out": str(Path(tempfile.mkdtemp(prefix=prefix)) / "run"),
-            "run.save_every": 10_000,
-            "run.threads": threads,
-            "run.device": "cpu",
-            "run.preflight": False,
-            **flags,
-        },
-        [],
-    )
-    ctx = setup("cpu", threads)
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        return build_run(cfg, ctx)
 
 
 def child_opd(root: Path, args, loss: str) -> dict:
@@ -165,7 +57,7 @@ def child_opd(root: Path, args, loss: str) -> dict:
     from opd.train import train_step
 
     flags = {
-        "data.batch_prompts": BATCH_PROMPTS,
+        "data.batch_prompts": PAIRS[args.pair]["batch_prompts"],
         "sampling.group_size": GROUP,
         "sampling.max_new_tokens": args.max_new_tokens,
         "objective.loss": loss,
@@ -173,6 +65,7 @@ def child_opd(root: Path, args, loss: str) -> dict:
         "run.steps": args.warmup + args.steps,
     }
     parts = build_opd(root, args.dtype, args.threads, "opd-vs-trl-", flags)
+    n_prompts = PAIRS[args.pair]["batch_prompts"]
     never_sample_eos(parts.tokenizer.eos_token_id)
     rows = [train_step(step, parts) for step in range(args.warmup + args.steps)][args.warmup :]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the GEMMs below
@@ -180,8 +73,8 @@ def child_opd(root: Path, args, loss: str) -> dict:
     # machine's drift from one process to the next moves both sides of the ratio
     peak = gemm_peak(getattr(torch, args.dtype), args.threads)
     tokens = {r["tokens/completion"] for r in rows}
-    assert tokens == {BATCH_PROMPTS * GROUP * args.max_new_tokens}, tokens
-    batch = parts.sampler.sample(parts.prompts[:BATCH_PROMPTS], GROUP, torch.Generator())
+    assert tokens == {n_prompts * GROUP * args.max_new_tokens}, tokens
+    batch = parts.sampler.sample(parts.prompts[:n_prompts], GROUP, torch.Generator())
     floor = parts_floor_flops(parts, batch)
     floor_once = parts_floor_flops(parts, batch, prompts_once=True)
     return {
@@ -214,10 +107,10 @@ def child_trl(root: Path, args) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(str(root / "teacher"), dtype=dtype)
     mask_eos(student, tok.eos_token_id)
     texts = [json.loads(ln)["prompt"] for ln in (root / "prompts.jsonl").read_text().splitlines()]
-    n_steps = args.warmup + args.steps
+    n_steps, n_prompts = args.warmup + args.steps, PAIRS[args.pair]["batch_prompts"]
     rows = []
     for step in range(n_steps):  # opd's order is shuffled; the work per step is what matters
-        for p in texts[(step * BATCH_PROMPTS) % len(texts) :][:BATCH_PROMPTS]:
+        for p in texts[(step * n_prompts) % len(texts) :][:n_prompts]:
             rows += [{"prompt": p}] * GROUP
     times: list[float] = []
 
@@ -230,7 +123,7 @@ def child_trl(root: Path, args) -> dict:
 
     cfg = DistillationConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-vs-opd-"),
-        per_device_train_batch_size=BATCH_PROMPTS * GROUP,
+        per_device_train_batch_size=n_prompts * GROUP,
         gradient_accumulation_steps=1,
         max_steps=n_steps,
         learning_rate=LR,
@@ -261,7 +154,7 @@ def child_trl(root: Path, args) -> dict:
     trainer.train()
     return {
         "step_s": times[args.warmup :],
-        "tokens_per_step": BATCH_PROMPTS * GROUP * args.max_new_tokens,
+        "tokens_per_step": n_prompts * GROUP * args.max_new_tokens,
     }
 
 
@@ -269,7 +162,7 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    root = CACHE / f"pair-{args.pair}"
+    root = build_pair(args.pair)
     if args.child == "trl":
         out = child_trl(root, args)
     else:
@@ -281,7 +174,7 @@ def child(args) -> None:
 # ---------------------------------------------------------------------------------- driver
 
 
-def run_child(name: str, pair: str, dtype: str, args) -> dict:
+def run_child(name: str, pair: str, dtype: str, new: int, args) -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__)),
@@ -291,13 +184,13 @@ def run_child(name: str, pair: str, dtype: str, args) -> dict:
         "--steps", str(args.steps),
         "--warmup", str(args.warmup),
         "--threads", str(args.threads),
-        "--max-new-tokens", str(args.max_new_tokens),
+        "--max-new-tokens", str(new),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"{name} {pair} {dtype} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"{name} {pair} {dtype} {new} tokens failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
 
 
@@ -339,38 +232,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per process")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", default="32", help="completion lengths, comma-separated")
     ap.add_argument("--out", default=str(HERE / "results" / "vs_trl.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--pair", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        args.max_new_tokens = int(args.max_new_tokens)
         return child(args)
 
     import torch
 
     frameworks = args.frameworks.split(",")
+    lengths = [int(n) for n in args.max_new_tokens.split(",")]
     results = []
     for pair in args.pairs.split(","):
-        root = CACHE / f"pair-{pair}"
-        if not (root / "prompts.jsonl").exists():
-            build_pair(pair, root)
-        for dtype in args.dtypes.split(","):
+        build_pair(pair)
+        for dtype, new in itertools.product(args.dtypes.split(","), lengths):
             runs: dict[str, list[dict]] = {f: [] for f in frameworks}
             for r in range(args.rounds):  # alternate the order: A B C, C B A, ...
                 for name in frameworks if r % 2 == 0 else frameworks[::-1]:
-                    runs[name].append(run_child(name, pair, dtype, args))
-                    print(f"  {pair} {dtype} round {r + 1} {name}: "
+                    runs[name].append(run_child(name, pair, dtype, new, args))
+                    print(f"  {pair} {dtype} {new} tokens round {r + 1} {name}: "
                           f"{statistics.median(runs[name][-1]['step_s']):.3f} s/step", flush=True)  # fmt: skip
-            row = {"pair": pair, "dtype": dtype}
+            row = {"pair": pair, "dtype": dtype, "new_tokens": new}
             for name in frameworks:
                 row[name] = summarise(runs[name])
             results.append(row)
     meta = {
         "threads": args.threads,
-        "rows": BATCH_PROMPTS * GROUP,
-        "max_new_tokens": args.max_new_tokens,
+        "rows": {p: PAIRS[p]["batch_prompts"] * GROUP for p in args.pairs.split(",")},
         "torch": torch.__version__,
         "trl": __import__("trl").__version__,
         "cpu_count": os.cpu_count(),
@@ -382,9 +274,9 @@ def main() -> None:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| pair | precision | framework | step s (median, min-max) | tokens/s | vs TRL | "
+        "| pair | precision | new tokens | framework | step s (median, min-max) | tokens/s | vs TRL | "
         "peak RSS MB | x floor | x floor, prompts once | sample / teacher / train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         trl = row.get("trl")
@@ -402,7 +294,7 @@ def table(results: list[dict]) -> str:
                 " / ".join(f"{v:.3f}" for v in r["phases_s"].values()) if "phases_s" in r else "-"
             )
             lines.append(
-                f"| {row['pair']} | {row['dtype']} | {name} | {r['median_step_s']:.3f} "
+                f"| {row['pair']} | {row['dtype']} | {row.get('new_tokens', 32)} | {name} | {r['median_step_s']:.3f} "
                 f"({r['min_step_s']:.3f}-{r['max_step_s']:.3f}) | {r['tokens_per_s']:.0f} | "
                 f"{ratio} | {r['peak_rss_mb']:.0f} | {' | '.join(floors)} | {phases} |"
             )

@@ -39,8 +39,11 @@ def model_for(tok, arch: str, seed: int = 0):
 
     "llama-mha" has one kv head per head; "llama-tied" shares its input embedding with its LM
     head; "mistral" has 4 query heads per kv head and a head_dim (8) that is not hidden / heads;
-    "qwen2" has q/k/v biases and padded embeddings.
+    "qwen2" has q/k/v biases and padded embeddings; "qwen3-wide" has heads of 16 for hidden 32
+    and 4 heads, as Qwen3-0.6B's are 128 for 1024 and 16 (`tiny_model(head_dim=...)`).
     """
+    if arch == "qwen3-wide":
+        return tiny.tiny_model(tok, arch="qwen3", hidden=32, layers=2, head_dim=16, seed=seed)
     if arch == "llama-tied":
         return tiny.tiny_model(tok, hidden=32, layers=2, kv_heads=2, seed=seed, tied=True)
     if arch in ("llama", "qwen3", "llama-mha"):
@@ -102,7 +105,10 @@ def batch_sizes_seen(model) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-mha", "llama-tied", "qwen3", "qwen2", "mistral"])
+ARCHS = ["llama", "llama-mha", "llama-tied", "qwen3", "qwen3-wide", "qwen2", "mistral"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_sampler_logprobs_equal_trainer_logprobs(tok, arch):
     model = model_for(tok, arch)
     assert kv_supported(model) is None

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from opd.fast import upcast
 from opd.fast.packed import PackedLinears, packable, packing_works
 
 pytestmark = pytest.mark.skipif(not packing_works(), reason="this torch build lacks oneDNN linear")
@@ -34,7 +35,8 @@ def test_what_is_not_packed_runs_its_own_forward():
     hooked.register_forward_hook(lambda mod, inp, out: out * 0)
     assert not packable(hooked, x)
     assert (PackedLinears()(hooked, x) == 0).all()  # the hook ran
-    assert not packable(layer().to(torch.bfloat16), x.bfloat16())
+    bf16 = layer().to(torch.bfloat16)  # packed as float32 only where upcast.py upcasts
+    assert packable(bf16, x.bfloat16()) == upcast.slow_half(torch.bfloat16)
     trained = torch.nn.Linear(16, 24)  # requires grad, autograd on
     assert not packable(trained, x)
     y = PackedLinears()(trained, x)
@@ -46,3 +48,17 @@ def test_what_is_not_packed_runs_its_own_forward():
     with torch.inference_mode():
         only_a(a, x), only_a(b, x)
     assert list(only_a.packed) == [id(a)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_half_layers_pack_a_float32_copy_where_half_multiplies_are_slow(bias, monkeypatch):
+    monkeypatch.setattr(upcast, "slow_half", lambda dtype: True)
+    lin, packed = layer(bias).to(torch.bfloat16), PackedLinears()
+    x = torch.randn(7, 16).bfloat16()
+    with torch.inference_mode():
+        got = packed(lin, x)
+    assert packed.packed[id(lin)][1].dtype == torch.float32
+    b = None if lin.bias is None else lin.bias.double()
+    want = torch.nn.functional.linear(x.double(), lin.weight.double(), b)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.double(), want, rtol=1e-2, atol=1e-2)

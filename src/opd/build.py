@@ -22,6 +22,7 @@ from opd.errors import OpdError
 from opd.evaluate import get_extractor
 from opd.fast.decode import KVCacheSampler
 from opd.fast.llama import kv_supported
+from opd.fast.upcast import slow_half
 from opd.flops import Ledger, ModelShape, model_shape
 from opd.guard import WEIGHT_BOUND, SkipCount, weight_bound
 from opd.losses import Objective, objective_for, uses_rewards
@@ -104,6 +105,8 @@ def build_run(cfg: Config, ctx: DistContext) -> Run:
             "update is off-policy by that much",
             file=sys.stderr,
         )
+    if ctx.device.type == "cpu" and ctx.is_main:
+        warn_slow_half(cfg)
     if objective.teacher in ("topk", "logits"):  # the student's head runs chunk by chunk
         check_head_config(m.student, "model.student")
     if objective.teacher == "logits":  # and so do the teachers'
@@ -247,6 +250,26 @@ def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, fro
     if cfg.run.autocast != "none":
         sampler = AutocastSampler(sampler, ctx.device, cfg.run.autocast)
     return sampler, choice
+
+
+def warn_slow_half(cfg: Config) -> None:
+    """bf16 on a CPU without bf16 matrix kernels: torch multiplies it at a few GFLOP/s. The
+    fast paths multiply bf16 weights in float32 there (fast/upcast.py); autocast and the plain
+    path do not."""
+    if not slow_half(torch.bfloat16):
+        return
+    half = "bfloat16" in (cfg.model.dtype, cfg.model.teacher_dtype)
+    why = ""
+    if cfg.run.autocast == "bfloat16":
+        why = "run.autocast=bfloat16 multiplies in bf16"
+    elif half and not cfg.run.fast_paths:
+        why = "bf16 weights with run.fast_paths=false multiply in bf16"
+    if why:
+        print(
+            f"opd: warning: {why} on this CPU, which has no bf16 matrix kernels (a few GFLOP/s): "
+            "float32, or bf16 weights with run.fast_paths=true, run several times faster",
+            file=sys.stderr,
+        )
 
 
 def check_vllm(cfg, ctx, sft_teacher) -> None:

@@ -208,7 +208,8 @@ class RunConfig:
     fast_paths: bool = _f(
         True,
         "Use opd's speed paths (fast/: KV-cache decoding, each shared prompt once, the fused "
-        "chunked LM head, packed linears); false runs the plain Hugging Face forward everywhere "
+        "chunked LM head, packed linears, bf16 multiplied in float32 on a CPU without bf16 "
+        "kernels); false runs the plain Hugging Face forward everywhere "
         "(sampler, teacher, trainer), to bisect a numerical difference.",
     )
     preflight: bool = _f(

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 
+from opd.fast.packed import call_module
 from opd.fast.shared_prompt import shared_prompt_hidden
 from opd.logprobs import completion_hidden
 from opd.models import check_plain_head, inner_model, post_head
@@ -218,6 +219,7 @@ def divergence_loss_chunked(
     # each distinct prompt once where rows share prompts (run.fast_paths); else the plain forward
     hidden = shared_prompt_hidden(*args, rollouts.prompt_len) if fast else None
     hidden_NH = (hidden or completion_hidden(*args))[0]  # positions in nonzero() order
+    linear = call_module if fast else torch.nn.Module.__call__  # upcast.py's half head, or not
     # The chunks back-propagate into this leaf; the backbone is traversed once, at the end.
     leaf_NH = hidden_NH.detach().requires_grad_()
     denom = max(float(n_tokens_total), 1.0)
@@ -225,7 +227,7 @@ def divergence_loss_chunked(
     div_max = torch.zeros((), device=device)
     for start in range(0, N, chunk_tokens):
         chunk = slice(start, start + chunk_tokens)
-        logits_NV = post(head(leaf_NH[chunk])[:, :vocab_size].float())
+        logits_NV = post(linear(head, leaf_NH[chunk])[:, :vocab_size].float())
         teacher_out = _to(teacher_fn(rows_N[chunk], cols_N[chunk]), device)
         div_N = divergence(kind, logits_NV, teacher_out, beta)
         (div_N.sum() / denom).backward()

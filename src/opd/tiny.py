@@ -77,11 +77,13 @@ def tiny_model(
     seed: int = 0,
     intermediate: int | None = None,
     tied: bool = False,
+    head_dim: int | None = None,
 ):
     """A randomly initialised Llama or Qwen3 causal LM sized for CPU tests.
 
     vocab_pad adds embedding rows beyond the tokenizer, as Qwen does (151936 -> 152064); tied
-    shares the input embedding with the LM head, as small released models do.
+    shares the input embedding with the LM head, as small released models do; head_dim
+    (default hidden // heads) as Qwen3, whose heads are wider than hidden // heads.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
@@ -97,11 +99,12 @@ def tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=tied,
+        head_dim=head_dim or hidden // heads,
     )
     if arch == "llama":
         config = LlamaConfig(**common)
     elif arch == "qwen3":
-        config = Qwen3Config(head_dim=hidden // heads, **common)
+        config = Qwen3Config(**common)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     torch.manual_seed(seed)

@@ -23,6 +23,7 @@ from opd.errors import OpdError
 from opd.fast.heads import plain_head
 from opd.fast.llama import additive, decoder_layer, into_cache, kv_supported, prefill
 from opd.fast.packed import PackedLinears, call_module
+from opd.fast.upcast import slow_half
 from opd.models import inner_model
 from opd.types import Rollouts
 
@@ -117,12 +118,15 @@ class KVCacheSampler:
         # Each prompt runs once; its G rows (prompt-major) share the prefilled cache and logits.
         rows_A = torch.arange(len(prompts_P), device=device).repeat_interleave(G)
         # a wide LM head is packed once for all the decode steps (packed.py); the body's
-        # short multiplies gain nothing from it
+        # short multiplies gain nothing from it, unless its half weights are multiplied in
+        # float32 (upcast.py): then one float32 copy each serves the whole batch
         head = plain_head(model)
         wide = head is not None and head.weight.numel() >= PACK_HEAD_MIN
         head_linear = PackedLinears(only=[head]) if wide else call_module
+        half = device.type == "cpu" and slow_half(core.embed_tokens.weight.dtype)
+        body = PackedLinears() if half else call_module
         hidden_PE, cache_Y2AKSD, cos_SD, sin_SD = prefill(
-            model, prompt_PL, attention_PL, Lp + N, rows_A
+            model, prompt_PL, attention_PL, Lp + N, rows_A, body
         )
         logits_AV = head_linear(model.lm_head, hidden_PE)[rows_A]
         prompt_BL = prompt_PL.repeat_interleave(G, 0)
@@ -153,7 +157,7 @@ class KVCacheSampler:
             mask_A11C = s.mask_A11S[..., : Lp + i + 1]
             for layer, kv in zip(layers, cache_Y2AKSD, strict=True):
                 x_AE = decoder_layer(
-                    layer, x_AE, cos_A11D, sin_A11D, mask_A11C, into_cache(kv, Lp + i)
+                    layer, x_AE, cos_A11D, sin_A11D, mask_A11C, into_cache(kv, Lp + i), linear=body
                 )
             logits_AV = head_linear(model.lm_head, core.norm(x_AE))
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 
+from opd.fast.upcast import compute_weight
 from opd.logprobs import completion_hidden
 from opd.models import IDENTITY, PostHead, inner_model, post_head
 
@@ -68,14 +69,15 @@ def head_logits(
 ) -> torch.Tensor:
     """float32 (n, V) logits post(h @ W.T) in a scratch buffer (valid until the next call).
 
-    Lower precision (bf16 weights, or autocast, which `out=` would bypass) multiplies in its
-    own dtype first, as `(h @ W.T).float()` does; `post` (the model's soft-cap or logit scale)
-    then acts on the float32 logits in place.
+    A float32 weight (the model's, or the copy `upcast.compute_weight` gives a half model on a
+    CPU without half kernels) multiplies in float32; lower precision (bf16 weights, or
+    autocast, which `out=` would bypass) multiplies in its own dtype first, as
+    `(h @ W.T).float()` does; `post` (the model's soft-cap or logit scale) then acts on the
+    float32 logits in place.
     """
     z_nV = scratch(h_nH.shape[0], weight_VH.shape[0], torch.float32, h_nH.device)
-    plain = h_nH.dtype == weight_VH.dtype == torch.float32
-    if plain and not torch.is_autocast_enabled(h_nH.device.type):
-        torch.mm(h_nH, weight_VH.T, out=z_nV)
+    if weight_VH.dtype == torch.float32 and not torch.is_autocast_enabled(h_nH.device.type):
+        torch.mm(h_nH.float(), weight_VH.T, out=z_nV)  # float32, or upcast.compute_weight's
     else:
         z_nV.copy_(h_nH @ weight_VH.T)
     return post.apply_(z_nV)
@@ -110,7 +112,7 @@ def token_logprobs_chunked(
 ) -> torch.Tensor:
     """(N,) float32 log softmax(post(head(hidden)))[token] over the first vocab_size logits,
     no grad. post: the model's `models.post_head`."""
-    weight_VH = head.weight[:vocab_size]
+    weight_VH = compute_weight(head.weight, hidden_NH)[:vocab_size]
     lp_N = torch.empty(tokens_N.shape[0], dtype=torch.float32, device=hidden_NH.device)
     with torch.no_grad():
         for start in range(0, tokens_N.shape[0], chunk_tokens):
@@ -181,7 +183,7 @@ class _FusedTokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, tokens_N, vocab_size, chunk_loss, chunk_tokens, post):
         N = tokens_N.shape[0]
-        W_VH = weight_VH[:vocab_size]
+        W_VH = compute_weight(weight_VH, hidden_NH)[:vocab_size]
         grad_h_NH = torch.empty_like(hidden_NH)
         # summed over chunks in float32 (a bf16 sum loses precision with every chunk added)
         grad_w_VH = None

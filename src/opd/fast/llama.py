@@ -136,9 +136,10 @@ def one_query_attention(q_AKMD, k_AKSD, v_AKSD, mask_A1MS, scale: float) -> torc
 
 def mlp(module, h_ME: torch.Tensor, linear=call_module) -> torch.Tensor:
     """down(act(gate(h)) * up(h)), the Llama-family MLP. Without autograd the activation and the
-    product are taken in place (two temporaries fewer); with it, the module's own forward."""
+    product are taken in place (two temporaries fewer)."""
     if torch.is_grad_enabled():  # autograd keeps the activation's input: nothing in place
-        return module(h_ME)
+        gate_MI = module.act_fn(linear(module.gate_proj, h_ME))
+        return linear(module.down_proj, gate_MI * linear(module.up_proj, h_ME))
     g_MI = linear(module.gate_proj, h_ME)
     g_MI = F.silu(g_MI, inplace=True) if type(module.act_fn) in SILU else module.act_fn(g_MI)
     return linear(module.down_proj, g_MI.mul_(linear(module.up_proj, h_ME)))

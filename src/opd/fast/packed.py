@@ -10,8 +10,9 @@ per batch of decode steps).
 
 The ops are torch's own (`torch.ops.mkldnn`), but not public API: `packing_works` tries them
 once on a small layer against `F.linear`, and everything falls back to the module's own forward
-when they are missing or disagree. Only plain `torch.nn.Linear` modules without hooks, float32,
-on a CPU, outside autocast and autograd are packed; anything else runs its own forward.
+when they are missing or disagree. Only plain `torch.nn.Linear` modules without hooks, float32
+(or bf16/fp16 where `upcast.py` multiplies them in float32: the packed copy is float32), on a
+CPU, outside autocast and autograd are packed; anything else runs `call_module`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from opd.fast import upcast
 
 
 @functools.cache
@@ -35,10 +38,10 @@ def packing_works() -> bool:
 
 
 def packable(module, x: torch.Tensor) -> bool:
+    w = module.weight
     return (
-        type(module) is torch.nn.Linear
-        and not (module._forward_hooks or module._forward_pre_hooks)
-        and module.weight.dtype == torch.float32 == x.dtype
+        upcast.plain_linear(module)
+        and (w.dtype == torch.float32 == x.dtype or upcast.upcasts(w, x))
         and x.device.type == "cpu"
         and module.weight.device.type == "cpu"
         and not torch.is_autocast_enabled("cpu")
@@ -51,7 +54,9 @@ class PackedLinears:
     """`linear(module, x)`: module(x), through a packed copy of its weight where it can be.
 
     A copy is made at a layer's first call and kept while the weight's storage and version
-    counter stay the same (an in-place update, e.g. an optimizer step, repacks it).
+    counter stay the same (an in-place op such as `mul_` repacks it; torch's fused AdamW
+    updates weights without bumping the counter, so trained weights get a PackedLinears per
+    batch, never one kept across steps).
     only: pack these modules and run every other one through its own forward.
     """
 
@@ -61,7 +66,7 @@ class PackedLinears:
 
     def __call__(self, module, x: torch.Tensor) -> torch.Tensor:
         if (self.only is not None and id(module) not in self.only) or not packable(module, x):
-            return module(x)
+            return call_module(module, x)
         w = module.weight
         stamp = (w.data_ptr(), w._version)
         entry = self.packed.get(id(module))
@@ -69,12 +74,14 @@ class PackedLinears:
             rows = x.numel() // x.shape[-1]
             entry = self.packed[id(module)] = (
                 stamp,
-                torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows),
+                torch.ops.mkldnn._reorder_linear_weight(w.detach().float(), rows),
             )
-        bias = None if module.bias is None else module.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
+        bias = None if module.bias is None else module.bias.detach().float()
+        out = torch.ops.mkldnn._linear_pointwise(x.float(), entry[1], bias, "none", [], "")
+        return out.to(x.dtype)
 
 
 def call_module(module, x: torch.Tensor) -> torch.Tensor:
-    """The default `linear`: the module's own forward (LoRA wrappers, hooks and all)."""
-    return module(x)
+    """The default `linear`: the module's own forward (LoRA wrappers, hooks and all), a plain
+    half-precision linear multiplied in float32 on a CPU without half kernels (`upcast.py`)."""
+    return upcast.linear(module, x)

@@ -38,7 +38,7 @@ class LocalTeacher:
         self.micro_batch_size = micro_batch_size
         self.fast = fast
         linear_bytes = sum(
-            m.weight.numel() * m.weight.element_size()
+            m.weight.numel() * 4  # the packed copy is float32 (packed.py)
             for m in model.modules()
             if type(m) is torch.nn.Linear
         )
