@@ -10,6 +10,10 @@ the weights learned), and the opd run the benchmarks build on one.
          30 layers, 9 heads and 3 KV heads of 64, intermediate 1536, tied embeddings, a
          49152-token BPE, 8192 positions) and an 11-layer student of the same shape (67M);
          4 prompts of 37 tokens per step
+  qwen   two Qwen3-0.6B-shaped models (hidden 1024, 28 layers, 16 heads and 8 KV heads of 128,
+         intermediate 3072, tied embeddings; a 151669-token BPE, 151936 embedding rows as
+         Qwen pads them), student and teacher alike (a 1.7B teacher would not leave room in
+         24 GB for TRL's full-vocabulary logits); the real pair's prompts
 Every pair samples GROUP completions per prompt. Built once into CACHE/pair-NAME.
 """
 
@@ -24,6 +28,10 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("OPD_CACHE", Path.home() / ".cache" / "opd")) / "bench"
 _REAL = dict(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536)
+_QWEN = dict(  # Qwen3-0.6B: 151669 tokens, 151936 embedding rows
+    arch="qwen3", hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128,
+    intermediate=3072, tied=True, max_positions=40960, vocab_pad=151_936 - 151_669,
+)  # fmt: skip
 PAIRS = {
     "small": dict(
         student=dict(hidden=128, layers=2, heads=4, kv_heads=4, intermediate=352),
@@ -42,6 +50,7 @@ PAIRS = {
         batch_prompts=4,
         vocab=49_152,
     ),
+    "qwen": dict(student=_QWEN, teacher=_QWEN, batch_prompts=4, vocab=151_669),
 }
 GROUP = 4
 REAL_PROMPT_TOKENS = 37
@@ -49,7 +58,8 @@ REAL_PROMPT_TOKENS = 37
 
 def bpe_tokenizer(vocab_size: int = 32_000):
     """Byte-level BPE trained on the standard library's top-level .py files, or on its whole
-    tree above 32k tokens (the top level has too few merges for 49k); cached after ~10-60 s."""
+    tree above 32k tokens (the top level has too few merges for 49k); cached after ~10-60 s.
+    Above 100k, placeholder tokens fill what the text has no merges for (Qwen's size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -73,6 +83,8 @@ def bpe_tokenizer(vocab_size: int = 32_000):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+    if vocab_size > 100_000:  # merges run out at ~122k here: the rest are placeholder tokens
+        fast.add_tokens([f"<|extra_{i}|>" for i in range(vocab_size - len(fast))])
     if len(fast) != vocab_size:
         raise SystemExit(f"the BPE reached {len(fast)} tokens, not {vocab_size}: too little text")
     fast.save_pretrained(str(path))
@@ -95,7 +107,7 @@ def prompts(pair: str, tokenizer, n: int = 256) -> list[str]:
     rng = random.Random(0)
     if pair == "small":
         return [f"{rng.randint(100, 999)}+{rng.randint(100, 999)}=" for _ in range(n)]
-    if pair == "real":  # 64 prompts of exactly REAL_PROMPT_TOKENS tokens, BOS included
+    if pair in ("real", "qwen"):  # 64 prompts of exactly REAL_PROMPT_TOKENS tokens, BOS included
         text = " ".join(
             line.strip()
             for path in _stdlib_files(20)

@@ -8,10 +8,11 @@ both samplers (a forward hook on TRL's student head, which only its generation c
 draw, fixed_length.py) and in neither loss, which makes the trained work identical: rows x
 max-new-tokens completion tokens per step.
 
-The pairs (pairs.py): small and large (16 prompts, 64 rows: toy shapes, untied), and real (a
-SmolLM2-135M-shaped teacher and a 67M student, tied, 49k vocabulary; 4 prompts, 16 rows).
+The pairs (pairs.py): small and large (16 prompts, 64 rows: toy shapes, untied), real (a
+SmolLM2-135M-shaped teacher and a 67M student, tied, 49k vocabulary; 4 prompts, 16 rows) and
+qwen (two Qwen3-0.6B-shaped models, 152k embedding rows; 4 prompts, 16 rows).
 
-Each (framework, pair, precision) runs in its own process, so peak RSS is its own. A/B order
+Each (framework, pair, precision, length) runs in its own process, so peak RSS is its own. A/B order
 alternates over --rounds; each process runs --warmup steps, then --steps timed steps. Reported:
 median step time with min-max over all timed steps, trained completion tokens/s, peak RSS, opd's
 per-phase breakdown, and opd's step time as a multiple of the compute floor (floor.py): each opd
