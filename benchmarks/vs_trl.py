@@ -295,7 +295,7 @@ def table(results: list[dict]) -> str:
                 " / ".join(f"{v:.3f}" for v in r["phases_s"].values()) if "phases_s" in r else "-"
             )
             lines.append(
-                f"| {row['pair']} | {row['dtype']} | {row.get('new_tokens', 32)} | {name} | {r['median_step_s']:.3f} "
+                f"| {row['pair']} | {row['dtype']} | {row['new_tokens']} | {name} | {r['median_step_s']:.3f} "
                 f"({r['min_step_s']:.3f}-{r['max_step_s']:.3f}) | {r['tokens_per_s']:.0f} | "
                 f"{ratio} | {r['peak_rss_mb']:.0f} | {' | '.join(floors)} | {phases} |"
             )
