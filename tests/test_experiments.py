@@ -95,6 +95,11 @@ def test_single_prompt_and_self_distill_results(runs):
         assert [c[0] for c in m["curve"]] == [0, 1, 2]
         assert m["curve"][0][2] == pytest.approx(0.0, abs=1e-5)  # the start vs itself
     assert all(abs(m["final_kl"]) < 10 for m in selfd["methods"].values())
+    # with the deadzone every k_t of a model against itself is rounding: nothing moves
+    assert set(selfd["methods"]) == {"sft", "opd", "opd-deadzone"}
+    dz = selfd["methods"]["opd-deadzone"]
+    assert [c[1] for c in dz["curve"]] == [selfd["start_accuracy"]] * 3
+    assert all(abs(c[2]) < 1e-6 for c in dz["curve"])
     assert (root / "self-distill" / "self_distill.png").is_file()
 
 

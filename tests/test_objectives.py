@@ -99,6 +99,19 @@ def test_teacher_equal_to_sampler_gives_zero_advantage():
     assert torch.count_nonzero(adv) == 0
 
 
+def test_deadzone_zeroes_only_the_tokens_below_it_before_discounting():
+    noisy = S + torch.tensor([[3e-7, -2e-7, 0.0, 0.0], [0.0, 1e-7, 0.0, 0.0]])
+    noisy[0, 2] = S[0, 2] + 0.5  # one real difference among the rounding
+    plain = kl_advantages(noisy, S, M, kl_coef=2.0, discount=0.5)
+    assert torch.count_nonzero(plain) > 1  # rounding reaches every earlier token's advantage
+    adv = kl_advantages(noisy, S, M, kl_coef=2.0, discount=0.5, deadzone=1e-4)
+    # only the real difference survives, discounted back to the earlier tokens of its row
+    assert torch.allclose(adv, torch.tensor([[-0.25, -0.5, -1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    # a difference at or above the deadzone is kept as it is
+    kept = kl_advantages(S, T_, M, kl_coef=2.0, deadzone=0.1)
+    assert torch.equal(kept, kl_advantages(S, T_, M, kl_coef=2.0))
+
+
 def test_lr_schedule():
     assert lr_at(0, 1.0, 4, 10, "constant") == pytest.approx(0.25)
     assert lr_at(3, 1.0, 4, 10, "constant") == pytest.approx(1.0)

@@ -25,6 +25,8 @@ from opd.losses import OBJECTIVES, check_settings, objective_for
         ({"kind": "rl", "discount": 0.9}, "objective.discount=0.9 has no effect"),
         ({"kind": "rl", "loss": "full"}, "objective.loss='full' applies to objective.kind='opd'"),
         ({"loss": "topk", "reward_coef": 1.0}, "objective.reward_coef=1.0 has no effect"),
+        ({"loss": "full", "kl_deadzone": 1e-4}, "objective.kl_deadzone=0.0001 has no effect"),
+        ({"kind": "rl", "kl_deadzone": 1e-4}, "objective.kl_deadzone=0.0001 has no effect"),
     ],
 )
 def test_settings_the_objective_does_not_read_are_refused(settings, message):
@@ -35,6 +37,7 @@ def test_settings_the_objective_does_not_read_are_refused(settings, message):
 def test_settings_the_objective_reads_are_accepted():
     for settings in (
         {"loss": "sampled", "kl_coef": 2.0, "discount": 0.5, "clip_ratio": 0.2},
+        {"loss": "sampled", "kl_deadzone": 1e-4},
         {"loss": "sampled", "reward_coef": 1.0, "reward_std": True, "extractor": "boxed"},
         {"loss": "topk", "topk": 5, "chunk_tokens": 64},
         {"loss": "jsd", "jsd_beta": 0.1},

@@ -124,6 +124,11 @@ class ObjectiveConfig:
     discount: float = _f(
         0.0, "Discount gamma: 0 judges each token alone; > 0 sums discounted future advantages."
     )
+    kl_deadzone: float = _f(
+        0.0,
+        "Sampled loss: a token whose |k_t| is below this counts as k_t = 0 (e.g. 1e-4 when the "
+        "teacher is the starting student itself, so float rounding is not trained on); 0 = off.",
+    )
     loss: str = _f(
         "sampled",
         "'sampled': policy gradient on the sampled tokens' reverse KL (the blog's); 'topk': "
@@ -371,6 +376,7 @@ def validate(cfg: Config) -> None:
     _check(s.staleness == 0 or s.backend == "vllm", "sampling.staleness", s.staleness, vllm)
     _check(o.kl_coef >= 0, "objective.kl_coef", o.kl_coef, ">= 0")
     _check(0 <= o.discount <= 1, "objective.discount", o.discount, "in [0, 1]")
+    _check(o.kl_deadzone >= 0, "objective.kl_deadzone", o.kl_deadzone, ">= 0")
     _check(0 <= o.clip_ratio < 1, "objective.clip_ratio", o.clip_ratio, "in [0, 1)")
     _check(o.tis_cap == 0 or o.tis_cap >= 1, "objective.tis_cap", o.tis_cap, "0 (off) or >= 1")
     _check(op.lr > 0, "optim.lr", op.lr, "> 0")

@@ -96,7 +96,12 @@ def kl_and_reward_advantages(batch: Rollouts, settings: ObjectiveConfig, group_s
     """A_t = -kl_coef * k_t, plus reward_coef * the group-centred reward when rewards came."""
     mask_BT = batch.completion_mask_BT
     adv_BT = kl_advantages(
-        batch.sampler_lp_BT, batch.teacher_lp_BT, mask_BT, settings.kl_coef, settings.discount
+        batch.sampler_lp_BT,
+        batch.teacher_lp_BT,
+        mask_BT,
+        settings.kl_coef,
+        settings.discount,
+        settings.kl_deadzone,
     )
     if batch.rewards_B is None:
         return adv_BT
@@ -194,7 +199,7 @@ OBJECTIVES: dict[tuple[str, str], Objective] = {
         "sampled",
         kl_and_reward_advantages,
         policy_gradient,
-        ALWAYS | REWARD | {"kl_coef", "discount", "clip_ratio", "tis_cap"},
+        ALWAYS | REWARD | {"kl_coef", "discount", "kl_deadzone", "clip_ratio", "tis_cap"},
         importance_ratio=True,
     ),
     ("opd", "topk"): Objective(

@@ -53,9 +53,18 @@ def kl_advantages(
     mask_BT: torch.Tensor,
     kl_coef: float,
     discount: float = 0.0,
+    deadzone: float = 0.0,
 ) -> torch.Tensor:
-    """A_t = -kl_coef * k_t, or its discounted future sum when discount > 0."""
-    per_token_BT = -kl_coef * reverse_kl(sampler_lp_BT, teacher_lp_BT, mask_BT)
+    """A_t = -kl_coef * k_t, or its discounted future sum when discount > 0.
+
+    deadzone > 0: a token whose |k_t| is below it counts as k_t = 0. When the teacher is the
+    student itself, k_t is float rounding between two forwards of one model (~1e-7), and Adam's
+    per-parameter normalisation would turn that noise into full-size steps.
+    """
+    k_BT = reverse_kl(sampler_lp_BT, teacher_lp_BT, mask_BT)
+    if deadzone > 0:
+        k_BT = torch.where(k_BT.abs() < deadzone, torch.zeros_like(k_BT), k_BT)
+    per_token_BT = -kl_coef * k_BT
     return discounted_cumsum(per_token_BT, mask_BT, discount)
 
 

@@ -55,6 +55,9 @@ class ExperimentSettings:
     self_steps: int = 100
     self_lr: float = 1e-3
     self_every: int = 20
+    # OPD against itself once more with objective.kl_deadzone: |k_t| below it counts as 0, so
+    # the float rounding between two forwards of one model (~1e-7) is not trained on
+    self_deadzone: float = 1e-4
 
 
 EXPERIMENT_PRESETS = {
@@ -320,7 +323,11 @@ def run_single_prompt(st: Stages, x: ExperimentSettings, out: Path, quiet: bool,
 def run_self_distill(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, log) -> dict:
     """Both runs use the starting student as the teacher; KL to it is measured the same way."""
     results = {}
-    for name, kind in (("sft", "sft"), ("opd", "opd")):
+    for name, kind, extra in (
+        ("sft", "sft", {}),
+        ("opd", "opd", {}),
+        ("opd-deadzone", "opd", {"objective.kl_deadzone": x.self_deadzone}),
+    ):
         log(f"self-distill: {name} against the starting model, {x.self_steps} steps ...")
         run_dir, curve = out / name, []
         for steps in range(0, x.self_steps + 1, x.self_every):
@@ -330,6 +337,7 @@ def run_self_distill(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, 
                     {
                         **st.common,
                         "objective.kind": kind,
+                        **extra,
                         "model.student": str(st.sft),
                         "model.teacher": str(st.sft),
                         "data.prompts": str(st.prompts),
@@ -353,6 +361,7 @@ def run_self_distill(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, 
         "start_accuracy": results["sft"]["curve"][0][1],
         "lr": x.self_lr,
         "steps": x.self_steps,
+        "deadzone": x.self_deadzone,
         "methods": results,
     }
 

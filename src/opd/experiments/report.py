@@ -223,7 +223,11 @@ def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (method, m) in enumerate(r["methods"].items()):
-        label = {"sft": "SFT on its own samples", "opd": "OPD against itself"}[method]
+        label = {
+            "sft": "SFT on its own samples",
+            "opd": "OPD against itself",
+            "opd-deadzone": f"OPD against itself, |k_t| < {r.get('deadzone', 0):g} as 0",
+        }[method]
         a1.plot([c[0] for c in m["curve"]], [c[1] for c in m["curve"]], f"C{i}o-", label=label)
         a2.plot([c[0] for c in m["curve"]], [c[2] for c in m["curve"]], f"C{i}o-", label=label)
     a1.set_ylabel("held-out accuracy (greedy)")
@@ -236,6 +240,7 @@ def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     fig.savefig(root / "self_distill.png", dpi=110)
     plt.close(fig)
     sft, opd = r["methods"]["sft"], r["methods"]["opd"]
+    dz = r["methods"].get("opd-deadzone")
     text = "\n".join(
         [
             "## self-distill: the starting model as its own teacher",
@@ -243,7 +248,13 @@ def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
             f"Start {_pct(r['start_accuracy'])}; {r['steps']} steps at lr {r['lr']}: SFT on its "
             f"own samples ends at {_pct(sft['final_accuracy'])} with KL {sft['final_kl']:.4f} to "
             f"the start; OPD against itself ends at {_pct(opd['final_accuracy'])} with KL "
-            f"{opd['final_kl']:.4f}.",
+            f"{opd['final_kl']:.4f}."
+            + (
+                f" With objective.kl_deadzone={r['deadzone']:g} OPD ends at "
+                f"{_pct(dz['final_accuracy'])} with KL {dz['final_kl']:.4f}."
+                if dz
+                else ""
+            ),
             "",
             "![self-distillation](self_distill.png)",
             "",
@@ -254,7 +265,13 @@ def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
             "SFT on a model's own samples drifts; OPD against the earlier model stays anchored",
             "SFT on its own samples degrades the model; OPD against the earlier model does not",
             f"SFT: {_pct(r['start_accuracy'])} -> {_pct(sft['final_accuracy'])}, KL "
-            f"{sft['final_kl']:.4f}; OPD: -> {_pct(opd['final_accuracy'])}, KL {opd['final_kl']:.4f}",
+            f"{sft['final_kl']:.4f}; OPD: -> {_pct(opd['final_accuracy'])}, KL {opd['final_kl']:.4f}"
+            + (
+                f"; OPD, |k_t| < {r['deadzone']:g} as 0: -> {_pct(dz['final_accuracy'])}, KL "
+                f"{dz['final_kl']:.4f}"
+                if dz
+                else ""
+            ),
         )
     ]
     return text, claims
