@@ -1,16 +1,20 @@
 """Sampling on a vLLM engine against opd's in-process decoder, and what following the learner
 costs: per step, the sampling, scoring and training times, the weight sync and its share of
 the step, and the sampler/trainer log-prob gap, for sampling.backend=kv (in-process),
-vllm (staleness 0) and vllm with one-step-off sampling (staleness 1).
+vllm (staleness 0) and vllm with one-step-off sampling (staleness 1), at each completion length.
 
     OPD_VLLM_VENV=~/.cache/opd/vllm-venv python benchmarks/engine_sampling.py \
-        [--steps 12] [--lengths 48 | 64,256,1024]
+        [--steps 12] [--lengths 64,256,1024] [--engine-cpus 1]
 
 The student is a random Llama (hidden 256, 4 layers, 8 heads of 32: vLLM's CPU attention needs
-head size >= 32), the teacher a random one twice as deep; 8 prompts x 4 samples x up to 48 tokens (--lengths; longer rows run fewer steps; a random
-model of 55 tokens draws EOS now and then: tokens/completion is in metrics.jsonl). One engine serves both vLLM runs (started here
-with VLLM_SERVER_DEV_MODE=1, as opd starts its own). Medians (min-max) over the steps after
-the first two.
+head size >= 32), the teacher a random one twice as deep, over a character vocabulary of
+--vocab tokens (a random model draws EOS about once in that many tokens, so rows run to the
+cap: tokens/row shows it); 8 prompts x 4 samples per step, longer rows running fewer steps.
+One engine serves both vLLM runs (started here with VLLM_SERVER_DEV_MODE=1, as opd starts its
+own). --engine-cpus puts the engine on those cores and this process on the others (what
+sampling.engine_cpus does), so sampling and training can overlap on one CPU machine. Medians
+(min-max) over the steps after the first two; after each length, the one-step-off step time
+against max(sample, teacher + train) of the synchronous vLLM run.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from opd import tiny
 from opd.config import build_config
-from opd.engine import serve_vllm
+from opd.engine import leave_cores, parse_cpus, serve_vllm
 from opd.train import distill
 
 
@@ -37,13 +41,17 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--lengths", default="48", help="completion lengths, e.g. 64,256,1024")
+    ap.add_argument("--lengths", default="64", help="completion lengths, e.g. 64,256,1024")
+    ap.add_argument("--vocab", type=int, default=2048, help="tokens in the character vocabulary")
     ap.add_argument("--out", default="/tmp/opd-engine")
+    ap.add_argument("--engine-cpus", default="",
+                    help="cores for the engine, e.g. 1; this process keeps the others")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(2)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    tok = tiny.char_tokenizer()
+    extra = "".join(chr(0x4E00 + i) for i in range(max(0, args.vocab - len(tiny.CHARS) - 4)))
+    tok = tiny.char_tokenizer(tiny.CHARS + extra)
     lengths = [int(x) for x in args.lengths.split(",")]
     context = max(lengths) + 64
     student = tiny.tiny_model(tok, hidden=256, layers=4, heads=8, kv_heads=8, seed=1,
@@ -64,7 +72,10 @@ def main() -> None:
     engine_args = ["--logprobs-mode", "processed_logprobs", "--no-enable-prefix-caching",
                    "--generation-config", "vllm"]  # fmt: skip
     with serve_vllm(s_dir, venv, "student", max_model_len=max(lengths) + 32,
-                    extra_args=engine_args, env_extra={"VLLM_SERVER_DEV_MODE": "1"}) as url:  # fmt: skip
+                    extra_args=engine_args, env_extra={"VLLM_SERVER_DEV_MODE": "1"},
+                    cpus=args.engine_cpus) as url:  # fmt: skip
+        if args.engine_cpus:  # as sampling.engine_cpus does for the engine a run starts
+            torch.set_num_threads(leave_cores(parse_cpus(args.engine_cpus, "--engine-cpus")))
         runs = {
             "kv (in-process)": {"sampling.backend": "kv"},
             "vllm, staleness 0": {"sampling.backend": "vllm", "sampling.urls": url},
@@ -72,15 +83,24 @@ def main() -> None:
                                   "sampling.staleness": 1},
         }  # fmt: skip
         for length in lengths:
-            steps = max(4, args.steps * 64 // max(length, 64))  # long rows: fewer steps
-            print(f"\nstudent 256x4, teacher 256x8, 8 prompts x 4 x up to {length} tokens, "
-                  f"{steps} steps")  # fmt: skip
+            steps = max(5, args.steps * 64 // max(length, 64))  # long rows: fewer steps
+            print(f"\nstudent 256x4, teacher 256x8, {len(tok)} tokens, 8 prompts x 4 x up to "
+                  f"{length} tokens, {steps} steps")  # fmt: skip
             print("| sampler | tokens/row | time/step s | time/sample s | time/teacher s | "
                   "time/train s | sync s (share of step) | sampler/trainer gap |")  # fmt: skip
             print("|---|---|---|---|---|---|---|---|")
+            medians = {}
             for name, extra in runs.items():
-                row = measure(root / f"{length}", name, extra, s_dir, t_dir, prompts, steps, length)
+                row, medians[name] = measure(
+                    root / f"{length}", name, extra, s_dir, t_dir, prompts, steps, length
+                )
                 print(row, flush=True)
+            sync, ahead = medians["vllm, staleness 0"], medians["vllm, staleness 1"]
+            bound = max(sync["time/sample"], sync["time/teacher"] + sync["time/train"])
+            print(f"\none-step-off: {ahead['time/step']:.3f} s a step = "
+                  f"{ahead['time/step'] / bound:.2f} x max(sample, teacher + train) of the "
+                  f"synchronous vLLM run ({bound:.3f} s); synchronous: {sync['time/step']:.3f} s "
+                  f"= {sync['time/step'] / bound:.2f} x", flush=True)  # fmt: skip
 
 
 def measure(root, name, extra, s_dir, t_dir, prompts, steps, length) -> str:
@@ -93,8 +113,9 @@ def measure(root, name, extra, s_dir, t_dir, prompts, steps, length) -> str:
     }  # fmt: skip
     distill(build_config(None, flags, []), force=True)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").open()][2:]
-    col = {k: spread([r[k] for r in rows]) for k in
-           ("time/step", "time/sample", "time/teacher", "time/train")}  # fmt: skip
+    keys = ("time/step", "time/sample", "time/teacher", "time/train")
+    col = {k: spread([r[k] for r in rows]) for k in keys}
+    medians = {k: statistics.median(r[k] for r in rows) for k in keys}
     sync = "-"
     if "sampler/sync_s" in rows[0]:
         share = statistics.median(r["sampler/sync_s"] / r["time/step"] for r in rows)
@@ -102,7 +123,7 @@ def measure(root, name, extra, s_dir, t_dir, prompts, steps, length) -> str:
     gap = statistics.median(r.get("sampler/trainer_logprob_gap", 0.0) for r in rows)
     tokens = statistics.mean(r["tokens/mean_completion_len"] for r in rows)
     return (f"| {name} | {tokens:.0f} | {col['time/step']} | {col['time/sample']} | {col['time/teacher']} "
-            f"| {col['time/train']} | {sync} | {gap:.2e} |")  # fmt: skip
+            f"| {col['time/train']} | {sync} | {gap:.2e} |"), medians  # fmt: skip
 
 
 if __name__ == "__main__":

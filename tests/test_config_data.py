@@ -1,5 +1,9 @@
 """Config precedence and validation; prompt encoding (BOS, chat templates); the prompt stream."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -90,3 +94,35 @@ def test_step_indices_cover_each_epoch_once_and_shard_disjointly(n, p, world, se
     # one epoch of the stream is a permutation of the prompts
     epoch = sum((step_indices(s, n, p, seed, True) for s in range(n)), [])[:n]
     assert sorted(epoch) == list(range(n))
+
+
+def test_engine_cores_are_checked_and_the_learner_leaves_them():
+    from opd.engine import parse_cpus
+
+    with pytest.raises(OpdError, match="sampling.engine_cpus='1': must be empty unless"):
+        build_config(None, {"sampling.engine_cpus": "1"}, [])  # no engine opd starts
+    allowed = sorted(os.sched_getaffinity(0))
+    with pytest.raises(OpdError, match="must be core ids like"):
+        parse_cpus("1-x")
+    with pytest.raises(OpdError, match="may run on cores"):
+        parse_cpus(str(max(allowed) + 1))
+    with pytest.raises(OpdError, match="leaves no core for the learner"):
+        parse_cpus(",".join(map(str, allowed)))
+    if len(allowed) < 2:
+        pytest.skip("one core: nothing to split between an engine and the learner")
+    assert (
+        parse_cpus(f"{allowed[-1]}-{allowed[-1]}") == parse_cpus(f" {allowed[-1]}") == {allowed[-1]}
+    )
+    # In a child process: a thread started before the move is moved too (torch's pool is).
+    code = (
+        "import os, threading; from opd.engine import leave_cores\n"
+        "ready, go, seen = threading.Event(), threading.Event(), []\n"
+        "def worker():\n"
+        "    ready.set(); go.wait(); seen.append(sorted(os.sched_getaffinity(0)))\n"
+        "t = threading.Thread(target=worker); t.start(); ready.wait()\n"
+        f"n = leave_cores({{{allowed[-1]}}}); go.set(); t.join()\n"
+        "print(n, sorted(os.sched_getaffinity(0)), seen[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    rest = [c for c in allowed if c != allowed[-1]]
+    assert out.stdout.split("\n")[0] == f"{len(rest)} {rest} {rest}", out.stdout

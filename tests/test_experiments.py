@@ -133,6 +133,28 @@ def test_report_renders_from_saved_results(runs, tmp_path, capsys):
         assert f"--rl-steps={steps}: must be a positive step count" in capsys.readouterr().err
 
 
+def test_math_takes_its_learning_rates_from_a_sweep_on_the_same_stages(runs, tmp_path, capsys):
+    root, out = runs
+    cache = str(root / "cache")
+    best = {name: m["best_lr"] for name, m in out["lr-sweep"]["methods"].items()}
+    r = run_experiment("math", str(tmp_path / "m"), "test", cache, rl_steps=4,
+                       lr_from=str(root / "lr-sweep"))  # fmt: skip
+    assert r["lr_from"] == str(root / "lr-sweep")
+    assert {name: m["lr"] for name, m in r["methods"].items()} == best
+    other = tmp_path / "other"  # a sweep of another SFT start is refused
+    other.mkdir()
+    saved = json.loads((root / "lr-sweep" / "results.json").read_text())
+    (other / "results.json").write_text(json.dumps({**saved, "sft_stop_at": 0.1}))
+    for sweep, message in ((other, "swept with sft_stop_at=0.1, this run has"),
+                           (root / "math", "is not an lr-sweep's results"),
+                           (tmp_path / "none", "cannot read")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(["experiment", "math", "--out", str(tmp_path / "x"), "--lr-from", str(sweep),
+                  "--preset", "test", "--cache-dir", cache])  # fmt: skip
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 def test_report_gives_a_lower_bound_when_the_baseline_misses_the_target(tmp_path):
     def method(steps, flops, budget, last_flops):
         curve = [[0, 0.0, 0.2], [budget, last_flops, 0.5 if steps is None else 0.96]]

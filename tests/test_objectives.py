@@ -138,3 +138,29 @@ def test_truncated_importance_sampling_caps_each_tokens_weight_and_its_gradient(
     policy_gradient_loss(plain, sampler, adv, mask, 3)[0].backward()
     torch.testing.assert_close(plain.grad[:, 1:], train.grad[:, 1:])  # under the cap: the same
     assert not torch.allclose(plain.grad[:, :1], train.grad[:, :1])
+
+
+def test_stale_rows_take_k_t_from_the_trained_policy_and_the_sampler_bias_points_away():
+    """Rows an older policy sampled (one-step-off): k_t reads the trained policy's log-prob when
+    the batch carries it. Its gradient is the IS-corrected reverse-KL gradient; the sampler's
+    k_t adds -KL(policy || sampler)'s gradient, which pushes the policy away from the sampler."""
+    from dataclasses import replace
+
+    from opd.config import ObjectiveConfig
+    from opd.losses import kl_and_reward_advantages
+    from opd.types import Rollouts
+
+    mask = torch.tensor([[False, True, True, True]])
+    sampler = torch.tensor([[0.0, -1.0, -2.0, -0.5]])
+    teacher = torch.tensor([[0.0, -1.5, -1.0, -0.5]])
+    policy = torch.tensor([[0.0, -0.8, -2.5, -0.7]])
+    tokens, ones = torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+    batch = Rollouts(tokens, ones, mask, 1, sampler, tokens[:, 0], teacher_lp_BT=teacher)
+    settings = ObjectiveConfig()
+    assert torch.equal(kl_and_reward_advantages(batch, settings, 1), -(sampler - teacher) * mask)
+    fresh = kl_and_reward_advantages(replace(batch, policy_lp_BT=policy), settings, 1)
+    assert torch.equal(fresh, -(policy - teacher) * mask)
+    # The two advantages differ by (policy - sampler): the sampler's k_t rewards tokens the
+    # policy already made likelier than the sampler did, whatever the teacher says.
+    stale = kl_and_reward_advantages(batch, settings, 1)
+    assert torch.allclose(stale - fresh, (policy - sampler) * mask)

@@ -130,3 +130,49 @@ def test_student_dropout_does_not_break_the_importance_ratio(tok, prompts_file, 
     metrics = train_step(0, parts)
     assert metrics["ratio/mean"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["ratio/max"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_stale_rows_corrected_in_the_loss_give_the_rescored_gradient(
+    models, prompts_file, tmp_path, fast
+):
+    """Rows an older policy sampled (one-step-off): k_t from the trained policy, computed in the
+    loss from its own forward (discount 0), gives the gradient of re-scoring the rows first;
+    k_t from the sampler gives another."""
+    import copy
+    from dataclasses import replace
+
+    from opd.losses import Trainer, for_stale_rows
+    from opd.samplers import make_sampler
+    from opd.train import step_inputs
+
+    run = make_parts(models, prompts_file, tmp_path, **{"run.fast_paths": fast})
+    old = copy.deepcopy(run.student)  # the policy one update ago
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    prompts, gen = step_inputs(0, run)
+    batch = make_sampler(old, run.tokenizer, run.vocab_size, 8).sample(prompts, 3, gen)
+    batch = run.score(batch, prompts)
+    settings = run.cfg.objective
+
+    def grads(b):
+        b = replace(b, advantages_BT=run.objective.advantages(b, settings, 3))
+        run.student.zero_grad()
+        trainer = Trainer(run.student, run.vocab_size, settings, fast)
+        run.objective.backward(trainer, b, b.num_completion_tokens)
+        return [p.grad.clone() for p in run.student.parameters()]
+
+    with torch.no_grad():
+        lp = completion_logprobs(run.student, batch.tokens_BT, batch.attention_mask_BT,
+                                 batch.prompt_len, run.vocab_size)  # fmt: skip
+    rescored = grads(replace(batch, policy_lp_BT=lp))
+    in_loss = for_stale_rows(batch, settings, rescore=None)  # per token: no second forward
+    assert in_loss.policy_lp_BT is None and in_loss.stale_kl_coef == settings.kl_coef
+    for a, b in zip(rescored, grads(in_loss), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    naive = grads(batch)  # k_t from the sampler
+    pairs = zip(rescored, naive, strict=True)
+    assert any(not torch.allclose(a, c, rtol=1e-2, atol=1e-5) for a, c in pairs)
+    discounted = for_stale_rows(batch, replace(settings, discount=0.5), rescore=lambda b: lp)
+    assert discounted.policy_lp_BT is lp and discounted.stale_kl_coef == 0  # re-scored first

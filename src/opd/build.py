@@ -221,6 +221,11 @@ def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, fro
     completions (SFT on data), every batch on the run's device; and which sampler it is, in
     words (`sampler_choice`)."""
     s = cfg.sampling
+    if from_data and s.backend == "vllm":
+        raise OpdError(
+            "sampling.backend=vllm: SFT on the rows' own completions samples nothing (give "
+            "model.teacher to sample the teacher on the engine)"
+        )
     if from_data:
         if s.group_size != 1 and ctx.is_main:
             print(
@@ -231,16 +236,19 @@ def make_token_source(cfg, ctx, tokenizer, vocab_size, student, sft_teacher, fro
         return DatasetSampler(tokenizer.pad_token_id, ctx.device), "the rows' own completions"
     model = sft_teacher if sft_teacher is not None else student
     if s.backend == "vllm":
-        check_vllm(cfg, ctx, sft_teacher)
+        check_vllm(cfg, ctx)
         longest = max(len(p.ids) for p in prompts) + s.max_new_tokens + 1
         engine = start_vllm_sampler(
-            cfg, student, tokenizer, vocab_size, stop_token_ids(tokenizer, student), longest
-        )
+            cfg, model, tokenizer, vocab_size, stop_token_ids(tokenizer, model), longest,
+            teacher=sft_teacher is not None, rank=ctx.rank, world=ctx.world_size,
+        )  # fmt: skip
         where = "sampling.urls" if s.urls else "started by opd"
-        said = (
-            f"vllm ({len(engine.urls)} engine(s), {where}; weights every {s.sync_every} "
-            f"step(s), staleness <= {s.staleness})"
+        follows = (
+            f"weights every {s.sync_every} step(s), staleness <= {s.staleness}"
+            if sft_teacher is None
+            else "serving the teacher"
         )
+        said = f"vllm ({len(engine.urls)} engine(s), {where}; {follows})"
         return Prefetch(engine), said
     sampler = make_sampler(
         model, tokenizer, vocab_size, s.max_new_tokens, s.temperature, s.top_p, s.top_k,
@@ -272,12 +280,21 @@ def warn_slow_half(cfg: Config) -> None:
         )
 
 
-def check_vllm(cfg, ctx, sft_teacher) -> None:
-    """What sampling.backend=vllm does not do yet, each a one-line error."""
-    if sft_teacher is not None:
-        raise OpdError("sampling.backend=vllm samples the student (objective.kind=opd or rl)")
-    if ctx.world_size > 1:
-        raise OpdError("sampling.backend=vllm runs in one process (no torchrun) for now")
+def check_vllm(cfg, ctx) -> None:
+    """Under torchrun every rank samples on engines of its own (the ranks' weights are equal
+    after each step, and each rank syncs its engines): what that needs, each a one-line error."""
+    s, world = cfg.sampling, ctx.world_size
+    urls = [u for u in s.urls.split(",") if u.strip()]
+    if world > 1 and s.engine_cpus:
+        raise OpdError(
+            f"sampling.engine_cpus={s.engine_cpus!r} places one engine: under torchrun start one "
+            "per rank yourself and give them as sampling.urls"
+        )
+    if world > 1 and urls and len(urls) < world:
+        raise OpdError(
+            f"sampling.urls: {len(urls)} engine(s) for {world} ranks: each rank samples on "
+            "engines of its own (rank r takes URLs r, r + ranks, ...)"
+        )
 
 
 def sampler_choice(sampler, model, cfg: Config) -> str:

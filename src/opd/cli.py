@@ -215,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="math: RL's step budget (default 600, 100 with --quick; RL stops early at the "
         "target); a low start needs more",
     )
+    ex.add_argument(
+        "--lr-from",
+        metavar="DIR",
+        help="math: each method's learning rate from DIR's `opd experiment lr-sweep` (made with "
+        "the same --sft-stop-at/--teacher-stop-at) instead of the built-in ones",
+    )
     ex.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
     ex.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
     ex.add_argument("--verbose", action="store_true", help="show every step of every run")
@@ -309,7 +315,7 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "experiment" and args.name.startswith(("personalization", "continual")):
         from opd.experiments.personalization import run as run_personal
 
-        for flag in ("sft_stop_at", "teacher_stop_at", "rl_steps"):
+        for flag in ("sft_stop_at", "teacher_stop_at", "rl_steps", "lr_from"):
             if getattr(args, flag) is not None:
                 raise OpdError(f"--{flag.replace('_', '-')} is for the math experiments")
         preset = args.preset or ("quick" if args.quick else "default")
@@ -327,6 +333,7 @@ def run(argv: list[str] | None = None) -> int:
             sft_stop_at=args.sft_stop_at,
             teacher_stop_at=args.teacher_stop_at,
             rl_steps=args.rl_steps,
+            lr_from=args.lr_from,
         )
     elif args.command == "report":
         from opd.experiments.report import write_report

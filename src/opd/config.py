@@ -98,6 +98,14 @@ class SamplingConfig:
     staleness: int = _f(
         0, "sampling.backend=vllm: 1 samples step k+1 while step k trains (one-step-off); 0 not."
     )
+    engine_cpus: str = _f(
+        "",
+        "The engine opd starts (backend vllm): its CPU cores ('1', '8-15'); the learner the rest.",
+    )
+    engine_args: str = _f(
+        "",
+        "The engine opd starts: more `vllm serve` arguments ('--gpu-memory-utilization 0.3').",
+    )
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,11 @@ class ObjectiveConfig:
     )
     tis_cap: float = _f(
         0.0, "Truncated importance sampling: each token's ratio weighs at most this; 0 = off."
+    )
+    stale_kl: str = _f(
+        "trainer",
+        "Rows sampled by an older policy (sampling.staleness=1): k_t = lp - lp_teacher with lp "
+        "the trained policy's ('trainer', re-scored) or the sampler's ('sampler', biased).",
     )
 
 
@@ -340,6 +353,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlong": ("error", "skip"),
     "data.unknown_chars": ("error", "unk"),
     "sampling.backend": ("auto", "kv", "hf", "vllm"),
+    "objective.stale_kl": ("trainer", "sampler"),
     "objective.kind": ("opd", "sft", "rl"),
     "objective.loss": ("sampled", "topk", "full", "jsd"),
     "optim.schedule": ("constant", "cosine"),
@@ -374,6 +388,9 @@ def validate(cfg: Config) -> None:
     _check(s.staleness in (0, 1), "sampling.staleness", s.staleness, "0 or 1")
     vllm = "0 unless sampling.backend=vllm (an engine samples while the learner trains)"
     _check(s.staleness == 0 or s.backend == "vllm", "sampling.staleness", s.staleness, vllm)
+    cores = "empty unless sampling.backend=vllm starts its own engine (no sampling.urls)"
+    for key, value in (("engine_cpus", s.engine_cpus), ("engine_args", s.engine_args)):
+        _check(not value or (s.backend == "vllm" and not s.urls), f"sampling.{key}", value, cores)
     _check(o.kl_coef >= 0, "objective.kl_coef", o.kl_coef, ">= 0")
     _check(0 <= o.discount <= 1, "objective.discount", o.discount, "in [0, 1]")
     _check(o.kl_deadzone >= 0, "objective.kl_deadzone", o.kl_deadzone, ">= 0")

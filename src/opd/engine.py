@@ -79,6 +79,36 @@ def healthy(port: int) -> bool:
         return False
 
 
+def parse_cpus(text: str, field: str = "sampling.engine_cpus") -> set[int]:
+    """'1', '0,2' or '8-15' as a set of core ids, each one this process may run on."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise OpdError(f"{field}={text!r}: placing processes on cores needs Linux")
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise OpdError(f"{field}={text!r}: must be core ids like '1', '0,2' or '8-15'") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise OpdError(f"{field}={text!r}: this process may run on cores {sorted(allowed)} only")
+    if cpus == allowed:
+        raise OpdError(f"{field}={text!r}: leaves no core for the learner ({sorted(allowed)})")
+    return cpus
+
+
+def leave_cores(cpus: set[int]) -> int:
+    """Move every thread of this process off `cpus` (the engine's); the number of cores left."""
+    rest = os.sched_getaffinity(0) - cpus
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), rest)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return len(rest)
+
+
 def stop(proc: subprocess.Popen, grace: float) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -111,8 +141,10 @@ def serve_vllm(
     grace: float = 20,
     extra_args: list[str] | tuple[str, ...] = (),
     env_extra: dict[str, str] | None = None,
+    cpus: str = "",
 ) -> Iterator[str]:
-    """Start `vllm serve model_dir` on 127.0.0.1 and yield its base URL (".../v1").
+    """Start `vllm serve model_dir` on 127.0.0.1 and yield its base URL (".../v1"); with `cpus`
+    ('1', '8-15') the server runs on those cores only, its engine's threads bound to them.
 
     Raises OpdError (with the log's tail) when vLLM is missing, the server exits, or /health
     does not answer within `timeout` seconds."""
@@ -136,11 +168,19 @@ def serve_vllm(
     if venv is not None:
         env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
     env.update(env_extra or {})
+    cores = parse_cpus(cpus) if cpus else None
+    if cores:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cores)))
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True,
         )  # fmt: skip
+    if cores:  # before the server starts its engine process, which inherits the placement
+        try:
+            os.sched_setaffinity(proc.pid, cores)
+        except ProcessLookupError:  # exited already: reported below with its log
+            pass
     try:
         t0 = time.monotonic()
         deadline = t0 + timeout

@@ -218,4 +218,6 @@ def step_phases(
             rows = torch.tensor([n == name for n in batch.teacher_B], dtype=torch.bool)
             flops += forward_flops(shape, torch.zeros_like(seq_B[rows]), seq_B[rows])
         phases["teacher_scoring"] = (flops, seconds["score"])
+    if batch.policy_lp_BT is not None:  # rows an older policy sampled, re-scored by the student
+        phases["student_rescoring"] = (forward_flops(student, torch.zeros_like(seq_B), seq_B), 0.0)
     return phases

@@ -80,6 +80,9 @@ class Objective:
     backward: Backward
     reads: frozenset[str]  # the objective.* settings this objective acts on
     importance_ratio: bool = False  # whether the loss weighs tokens by exp(lp_train - lp_sampler)
+    # whether its advantages read the policy's own log-probs (k_t): rows an older policy
+    # sampled are re-scored by the trained one first (objective.stale_kl=trainer)
+    policy_kl: bool = False
     # whose tokens it trains on: the student's own samples, or the teacher's samples (the
     # rows' own completions when there is no teacher)
     samples: str = "student"
@@ -93,10 +96,12 @@ def no_advantages(batch: Rollouts, settings: ObjectiveConfig, group_size: int) -
 
 
 def kl_and_reward_advantages(batch: Rollouts, settings: ObjectiveConfig, group_size: int):
-    """A_t = -kl_coef * k_t, plus reward_coef * the group-centred reward when rewards came."""
+    """A_t = -kl_coef * k_t, plus reward_coef * the group-centred reward when rewards came. k_t
+    is the policy's log-prob minus the teacher's: the sampler's, or the trained policy's when an
+    older policy sampled the rows (`policy_lp_BT`)."""
     mask_BT = batch.completion_mask_BT
     adv_BT = kl_advantages(
-        batch.sampler_lp_BT,
+        batch.sampler_lp_BT if batch.policy_lp_BT is None else batch.policy_lp_BT,
         batch.teacher_lp_BT,
         mask_BT,
         settings.kl_coef,
@@ -107,6 +112,15 @@ def kl_and_reward_advantages(batch: Rollouts, settings: ObjectiveConfig, group_s
         return adv_BT
     reward_B = group_centered(batch.rewards_B, group_size, settings.reward_std)
     return combined_advantages(settings.reward_coef * reward_B, adv_BT, mask_BT)
+
+
+def for_stale_rows(batch: Rollouts, settings: ObjectiveConfig, rescore) -> Rollouts:
+    """Rows an older policy sampled, made to take k_t from the trained policy: per token
+    (no discount, no deadzone) the loss corrects A_t from its own forward (stale_kl_coef);
+    otherwise `rescore(batch)`, one more forward of the student, gives the log-probs first."""
+    if settings.discount == 0 and settings.kl_deadzone == 0:
+        return dataclasses.replace(batch, stale_kl_coef=settings.kl_coef)
+    return dataclasses.replace(batch, policy_lp_BT=rescore(batch))
 
 
 def reward_advantages(batch: Rollouts, settings: ObjectiveConfig, group_size: int):
@@ -145,14 +159,19 @@ def token_backward(
 
 
 def policy_gradient(trainer: Trainer, mb: Rollouts, n_tokens: float) -> LossStats:
-    """-sum_t exp(lp_train - lp_sampler) A_t / n_tokens (PPO-clipped with clip_ratio > 0)."""
+    """-sum_t exp(lp_train - lp_sampler) A_t / n_tokens (PPO-clipped with clip_ratio > 0). Rows
+    an older policy sampled (stale_kl_coef) take k_t from lp_train: A_t - coef (lp_train -
+    lp_sampler), lp_train detached there."""
     mask_BT, s = mb.completion_mask_BT, trainer.settings
     sampler_lp_N, adv_N = mb.sampler_lp_BT[mask_BT], mb.advantages_BT[mask_BT]
 
     def loss_of(lp_n: torch.Tensor, sl: slice) -> torch.Tensor:
         ones_n = torch.ones_like(lp_n, dtype=torch.bool)
+        adv_n = adv_N[sl]
+        if mb.stale_kl_coef:
+            adv_n = adv_n - mb.stale_kl_coef * (lp_n.detach() - sampler_lp_N[sl])
         return policy_gradient_loss(
-            lp_n, sampler_lp_N[sl], adv_N[sl], ones_n, n_tokens, s.clip_ratio, s.tis_cap
+            lp_n, sampler_lp_N[sl], adv_n, ones_n, n_tokens, s.clip_ratio, s.tis_cap
         )[0]
 
     loss, lp_N = token_backward(trainer, mb, loss_of)
@@ -199,8 +218,11 @@ OBJECTIVES: dict[tuple[str, str], Objective] = {
         "sampled",
         kl_and_reward_advantages,
         policy_gradient,
-        ALWAYS | REWARD | {"kl_coef", "discount", "kl_deadzone", "clip_ratio", "tis_cap"},
+        ALWAYS
+        | REWARD
+        | {"kl_coef", "discount", "kl_deadzone", "clip_ratio", "tis_cap", "stale_kl"},
         importance_ratio=True,
+        policy_kl=True,
     ),
     ("opd", "topk"): Objective(
         "topk", no_advantages, divergence("topk_reverse_kl"), ALWAYS | {"topk"}

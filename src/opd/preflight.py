@@ -172,18 +172,21 @@ def run_preflight(run, n_prompts: int = 4) -> list[tuple[str, str, str]]:
 
 
 def engine_row(engine: VLLMSampler, run, prompts) -> tuple[str, str, str]:
-    """The engine's own samples scored by the trainer: mean |lp_engine - lp_trainer| ~ 0 (its
-    first call brings the engine to the student's weights and checks the probe)."""
+    """The engine's own samples scored in process by the model it serves (the student, or the
+    teacher for SFT): mean |lp_engine - lp_trainer| ~ 0 (its first call brings the engine to the
+    student's weights, or checks it serves the teacher's, by the probe)."""
     try:
         batch = engine.sample(prompts, 2, torch.Generator().manual_seed(0))
     except OpdError as e:
         return "sampler [vllm]", "FAIL", str(e)
-    lp = LocalTeacher(run.student, run.vocab_size).score(batch)
+    lp = LocalTeacher(engine.model, run.vocab_size).score(batch)
     m = batch.completion_mask_BT
     gap = float((batch.sampler_lp_BT.to(lp.device) - lp)[m.to(lp.device)].abs().mean())
-    limit = SELF_KL_LIMIT[run.cfg.model.dtype]
+    cfg = run.cfg
+    limit = SELF_KL_LIMIT[cfg.model.dtype if engine.follow else cfg.model.teacher_dtype]
     status = "ok" if gap <= limit else "FAIL"
-    detail = f"mean |logp_engine - logp_trainer| = {gap:.2e} on its samples (limit {limit:g})"
+    who = "trainer" if engine.follow else "teacher"
+    detail = f"mean |logp_engine - logp_{who}| = {gap:.2e} on its samples (limit {limit:g})"
     return "sampler [vllm]", status, detail
 
 

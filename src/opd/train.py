@@ -27,7 +27,8 @@ from opd.errors import OpdError
 from opd.evaluate import get_extractor, run_eval
 from opd.flops import sampling_flops, step_phases
 from opd.guard import nonfinite
-from opd.losses import LossStats, Trainer
+from opd.logprobs import completion_logprobs
+from opd.losses import LossStats, Trainer, for_stale_rows
 from opd.memory import check_memory
 from opd.metrics import MetricsLogger
 from opd.objectives import lr_at
@@ -63,6 +64,16 @@ def rollouts(step: int, run: Run, prompts: list, gen: torch.Generator):
     return batch, staleness
 
 
+def policy_logprobs(run: Run, batch) -> torch.Tensor:
+    """The trained student's log-prob of each sampled token, without gradient: k_t for rows an
+    older policy sampled (the sampler's log-prob there is the old policy's; an advantage built
+    on it pushes the student away from that policy, not toward the teacher)."""
+    with torch.no_grad():
+        return completion_logprobs(
+            run.student, batch.tokens_BT, batch.attention_mask_BT, batch.prompt_len, run.vocab_size
+        ).float()
+
+
 def ask_ahead(step: int, run: Run, staleness: int) -> None:
     """Ask the engine for `step`'s rollouts now, unless the run ends first or `step` follows a
     checkpoint (a resumed run samples it from the weights it loads: so must this run)."""
@@ -80,6 +91,8 @@ def train_step(step: int, run: Run) -> dict:
     batch, staleness = rollouts(step, run, prompts, gen)  # sampled now, or a step ahead
     batch = batch.to(ctx.device)
     t1 = ctx.clock()
+    if staleness and objective.policy_kl and cfg.objective.stale_kl == "trainer":
+        batch = for_stale_rows(batch, cfg.objective, lambda b: policy_logprobs(run, b))  # k_t now
     batch = run.score(batch, prompts)  # teacher log-probs (or top-k, logits), rewards
     batch = replace(batch, advantages_BT=objective.advantages(batch, cfg.objective, G))
     t2 = ctx.clock()

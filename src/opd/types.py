@@ -53,6 +53,12 @@ class Rollouts:
     teacher_logits: TeacherLogits | None = None  # objective.loss=full|jsd
     rewards_B: torch.Tensor | None = None  # float32, the task reward of each row
     advantages_BT: torch.Tensor | None = None  # float32, per completion token
+    # Rows an older policy sampled (sampling.staleness=1), whose k_t must be the trained
+    # policy's: its log-prob of each sampled token (float32; the KL advantages read it), or,
+    # when k_t enters A_t per token, stale_kl_coef: the loss moves A_t by -coef (lp_train -
+    # lp_sampler) itself, from the log-probs its forward computes anyway.
+    policy_lp_BT: torch.Tensor | None = None
+    stale_kl_coef: float = 0.0
 
     @property
     def num_rows(self) -> int:

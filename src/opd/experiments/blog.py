@@ -26,6 +26,7 @@ from pathlib import Path
 
 from opd.errors import OpdError
 from opd.experiments.demo import PRESETS, Stages, _stage, prepare
+from opd.experiments.rates import swept_rates
 
 
 @dataclass(frozen=True)
@@ -189,13 +190,8 @@ def _run_to_target(
     )
     curve = _curve(_metrics(run_dir))
     step, flops = _first_reaching(curve, target)
-    summary = {
-        "seed": seed,
-        "lr": lr,
-        "steps_to_target": step,
-        "flops_to_target": flops,
-        "final_accuracy": curve[-1][2],
-    }
+    summary = {"seed": seed, "lr": lr, "steps_to_target": step, "flops_to_target": flops,
+               "final_accuracy": curve[-1][2]}  # fmt: skip
     return summary, curve
 
 
@@ -215,9 +211,7 @@ def run_math(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, log) -> 
     for name, (flags, steps, lr) in _methods(st, x).items():
         per_seed, curves = [], {}
         for seed in x.seeds:
-            log(
-                f"math: {name}, lr {lr}, seed {seed}, up to {steps} steps (stops at {target:.1%}) ..."
-            )
+            log(f"math: {name}, lr {lr}, seed {seed}, up to {steps} steps (stops at {target:.1%})")
             summary, curve = _run_to_target(
                 st, x, flags, steps, lr, seed, target, out / f"{name}-seed{seed}", quiet
             )
@@ -405,17 +399,21 @@ def run_experiment(
     sft_stop_at: float | None = None,
     teacher_stop_at: float | None = None,
     rl_steps: int | None = None,
+    lr_from: str | None = None,
 ) -> dict:
     """sft_stop_at: stop the shared SFT stage at this validation accuracy instead of the demo's
     (a lower start makes the RL reward sparser: most groups of samples are all wrong).
+    lr_from: math's learning rates from that folder's lr-sweep (made on the same stages).
     teacher_stop_at: stop the teacher's training at this validation accuracy (an imperfect
     teacher whose temperature-1 samples, SFT's data, carry its mistakes).
     rl_steps: math's RL budget instead of the preset's (RL stops early at the target)."""
     t0 = time.time()
     x = EXPERIMENT_PRESETS[preset]
+    if rl_steps is not None and (name != "math" or rl_steps < 1):
+        raise OpdError(f"--rl-steps={rl_steps}: must be a positive step count, for math only")
+    if lr_from and name != "math":
+        raise OpdError(f"--lr-from {lr_from}: for math only (its learning rates)")
     if rl_steps is not None:
-        if name != "math" or rl_steps < 1:
-            raise OpdError(f"--rl-steps={rl_steps}: must be a positive step count, for math only")
         x = replace(x, rl_steps=rl_steps)
     stages = PRESETS[x.stages]
     for field, value in (("sft_stop_at", sft_stop_at), ("teacher_stop_at", teacher_stop_at)):
@@ -431,12 +429,15 @@ def run_experiment(
         print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
     st = prepare(stages, 0, cache_dir, quiet, log)
+    if lr_from:
+        x = replace(x, **swept_rates(lr_from, stages, st.sft_acc))
     result = RUNNERS[name](st, x, root, quiet, log)
     result |= {
         "preset": preset,
         "sft_stop_at": stages.sft_stop_at,
         "teacher_stop_at": stages.teacher_stop_at or None,
         "teacher_steps": st.teacher_steps,
+        "lr_from": lr_from,
         "settings": asdict(replace(x)),
         "task": f"{st.settings.digits}-digit addition, digit by digit",
         "wall_seconds": round(time.time() - t0, 1),

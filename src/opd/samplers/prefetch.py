@@ -8,7 +8,9 @@ them, and objective.tis_cap can truncate it. With staleness 0 the request for st
 after step k's update has reached the engine: the synchronous run's rollouts, through the same
 code path.
 
-A sync waits for the request in flight (the engine never reloads weights mid-request). The
+A sync waits for the request in flight (the engine never reloads weights mid-request); an
+engine serving a fixed teacher (SFT) never reloads, and its request runs on into the next
+step: rows sampled ahead from the teacher are the rows it would sample now (staleness 0). The
 step after a checkpoint is never prefetched: a resumed run samples that step from the weights
 it loads, so an uninterrupted run must too (resume stays exact).
 """
@@ -41,11 +43,13 @@ class Prefetch:
     def ahead(self, step: int, prompts_P, group_size: int, gen, staleness: int) -> None:
         """Ask now for `step`'s rollouts, to be taken by `take(step, ...)`."""
         future = self.pool.submit(self.sampler.sample, prompts_P, group_size, gen)
-        self.pending = (step, future, staleness)
+        # an engine serving a fixed teacher (SFT) samples ahead from the very weights it would now
+        self.pending = (step, future, staleness if getattr(self.sampler, "follow", True) else 0)
 
     def sync(self) -> dict:
-        if self.pending is not None:
-            self.pending[1].result()  # the engine finishes what it samples before it reloads
+        # the engine finishes what it samples before it reloads (a fixed teacher never reloads)
+        if self.pending is not None and getattr(self.sampler, "follow", True):
+            self.pending[1].result()
         return self.sampler.sync()
 
     def sample(self, prompts_P, group_size: int, gen) -> Rollouts:

@@ -1,19 +1,22 @@
 """Sampling on vLLM engines over HTTP, following the learner's weights.
 
-`VLLMSampler.sample` sends each prompt's token ids to an engine's /v1/completions with `n` =
-group size, the run's temperature / top-p / top-k, `logprobs: 0` and `return_token_ids`, and a
-seed drawn from the step's generator (vLLM seeds each request's own generator, so what a
-request draws does not depend on what else the engine runs). The answer's token ids and the
-log-prob of each sampled token become the same `Rollouts` as the in-process samplers'; nothing
-is re-tokenised. The engine must report the log-probs of the distribution it sampled from:
+`VLLMSampler.sample` sends each prompt's token ids to an engine's /v1/completions, one request
+per prompt (all in flight at once), with `n` = group size, the run's temperature / top-p /
+top-k, `logprobs: 0` and `return_token_ids`, and a seed per prompt drawn from the step's
+generator (vLLM seeds each request's own generator, so what a request draws does not depend on
+what else the engine runs; prompts batched into one request would share one seed's draws).
+The answer's token ids and the log-prob of each sampled token become the same `Rollouts` as
+the in-process samplers'; nothing is re-tokenised. The engine must report the log-probs of the distribution it sampled from:
 engines opd starts run with `--logprobs-mode processed_logprobs` (temperature, top-p and top-k
 applied); for engines given by URL that is the user's to set (at temperature 1 with no top-p /
 top-k the raw and processed log-probs are the same).
 
-`sync` brings the engine to the student's current weights: the weights are written as one
-safetensors file to `sync_dir` (on /dev/shm when it exists) and each engine reloads them in
-place (`POST /collective_rpc` with vLLM's worker method `reload_weights`; vLLM serves that call
-with VLLM_SERVER_DEV_MODE=1, which opd sets for the engines it starts). After each sync a probe
+An engine that serves the teacher (SFT on the teacher's samples, `follow=False`) is only checked
+by the probe before its first sample; nothing is sent to it. Otherwise `sync` brings the engine
+to the student's current weights: the weights are written as one safetensors file to
+`sync_dir` (on /dev/shm when it exists) and each engine reloads them in place (`POST
+/collective_rpc` with vLLM's worker method `reload_weights`; vLLM serves that call with
+VLLM_SERVER_DEV_MODE=1, which opd sets for the engines it starts). After each sync a probe
 sequence is scored by every engine and by the student: an engine whose log-probs differ by more
 than `probe_tol` still serves other weights, which stops the run (a stale engine is never
 silent).
@@ -21,6 +24,7 @@ silent).
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import sys
 import tempfile
@@ -52,8 +56,10 @@ class VLLMSampler:
         top_k: int = 0,
         probe_tol: float = 1e-3,
         timeout: float = 600.0,
+        follow: bool = True,
     ):
-        self.model = model  # the student: its weights are what the engines must serve
+        self.model = model  # the weights the engines must serve: the student's, or the teacher's
+        self.follow = follow  # False: a fixed teacher, checked once and never sent weights
         self.urls = [u.rstrip("/") for u in urls]
         self.name = name
         self.pad_id, self.stop_ids, self.vocab_size = pad_id, stop_ids, vocab_size
@@ -61,7 +67,8 @@ class VLLMSampler:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.probe_tol = probe_tol
         self.client = httpx.Client(timeout=timeout)
-        self.pool = ThreadPoolExecutor(max(len(self.urls), 1), thread_name_prefix="opd-vllm")
+        # a request per prompt, all in flight at once (each engine batches what it is sent)
+        self.pool = ThreadPoolExecutor(64, thread_name_prefix="opd-vllm")
         root = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
         self.sync_dir = Path(tempfile.mkdtemp(prefix="opd-sync-", dir=root))
         self.synced = False
@@ -75,25 +82,23 @@ class VLLMSampler:
     def sample(
         self, prompts_P: list[Prompt], group_size: int, generator: torch.Generator
     ) -> Rollouts:
-        if not self.synced:  # the first step (and the first after a resume): the student's weights
+        if not self.synced:  # the first step (and the first after a resume): the model's weights
             self.probe_ids = prompts_P[0].ids[:32] + [self.stop_ids[0]]
             self.sync()
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
-        parts = [list(range(len(prompts_P)))[i :: len(self.urls)] for i in range(len(self.urls))]
+        # One request per prompt, each with its own seed: vLLM seeds a request's generator, so
+        # the prompts of one request would share their random draws (the k-th sample of every
+        # prompt drawing the same uniforms, their slips correlated across the batch).
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts_P),), generator=generator,
+                              device=generator.device).tolist()  # fmt: skip
         jobs = [
             self.pool.submit(
-                self._request, url, [prompts_P[i].ids for i in idx], group_size, seed + n
-            )
-            for n, (url, idx) in enumerate(zip(self.urls, parts, strict=True))
-            if idx
+                self._request, self.urls[i % len(self.urls)], prompt.ids, group_size, seeds[i]
+            )  # fmt: skip
+            for i, prompt in enumerate(prompts_P)
         ]
-        by_prompt = {}
-        for job, idx in zip(jobs, [p for p in parts if p], strict=True):
-            for i, completions in zip(idx, job.result(), strict=True):
-                by_prompt[i] = completions
         prompts, completions, lps = [], [], []
-        for i, prompt in enumerate(prompts_P):
-            for ids, lp in by_prompt[i]:
+        for job, prompt in zip(jobs, prompts_P, strict=True):
+            for ids, lp in job.result():
                 prompts.append(prompt.ids)
                 completions.append(ids)
                 lps.append(lp)
@@ -110,33 +115,30 @@ class VLLMSampler:
             prompt_index_B=torch.arange(len(prompts_P)).repeat_interleave(group_size),
         )
 
-    def _request(self, url: str, prompts: list[list[int]], n: int, seed: int):
-        """Per prompt: n (completion ids, their log-probs)."""
+    def _request(self, url: str, prompt: list[int], n: int, seed: int):
+        """n (completion ids, their log-probs) of one prompt."""
         payload = {
-            "model": self.name, "prompt": prompts, "n": n, "max_tokens": self.max_new_tokens,
+            "model": self.name, "prompt": [prompt], "n": n, "max_tokens": self.max_new_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or -1,
             "repetition_penalty": 1.0, "logprobs": 0, "return_token_ids": True, "seed": seed,
             "stop_token_ids": self.stop_ids, "skip_special_tokens": False,
         }  # fmt: skip
         body = self._post(f"{url}/completions", payload, "sampling")
         choices = sorted(body["choices"], key=lambda c: c["index"])
-        if len(choices) != len(prompts) * n:
-            raise OpdError(f"engine {url}: {len(choices)} completions for {len(prompts)} x {n}")
-        out = []
-        for p in range(len(prompts)):
-            group = []
-            for c in choices[p * n : (p + 1) * n]:
-                ids, lp = list(c["token_ids"]), list(c["logprobs"]["token_logprobs"])
-                if not ids or len(lp) != len(ids):
-                    raise OpdError(f"engine {url}: a completion without token ids or log-probs")
-                if max(ids) >= self.vocab_size:
-                    raise OpdError(
-                        f"engine {url} sampled token id {max(ids)}, outside the student's "
-                        f"{self.vocab_size}-token vocabulary (an embedding row past the tokenizer)"
-                    )
-                group.append((ids, lp))
-            out.append(group)
-        return out
+        if len(choices) != n:
+            raise OpdError(f"engine {url}: {len(choices)} completions for one prompt x {n}")
+        group = []
+        for c in choices:
+            ids, lp = list(c["token_ids"]), list(c["logprobs"]["token_logprobs"])
+            if not ids or len(lp) != len(ids):
+                raise OpdError(f"engine {url}: a completion without token ids or log-probs")
+            if max(ids) >= self.vocab_size:
+                raise OpdError(
+                    f"engine {url} sampled token id {max(ids)}, outside the student's "
+                    f"{self.vocab_size}-token vocabulary (an embedding row past the tokenizer)"
+                )
+            group.append((ids, lp))
+        return group
 
     def _post(self, url: str, payload: dict, what: str) -> dict:
         try:
@@ -156,7 +158,13 @@ class VLLMSampler:
     def sync(self) -> dict:
         """Every engine to the student's weights now, checked by the probe; the seconds it took.
         A LoRA student's adapters are loaded as a new adapter (vLLM's runtime LoRA loading) and
-        the previous one unloaded; a fully trained student's weights are reloaded in place."""
+        the previous one unloaded; a fully trained student's weights are reloaded in place. An
+        engine serving a fixed teacher is only probed, before its first sample."""
+        if not self.follow:
+            if self.synced:
+                return {}
+            self.synced = True
+            return {"sampler/probe_gap": self.probe()}
         t0 = time.perf_counter()
         if self.lora:
             self._sync_adapter()
@@ -223,10 +231,11 @@ class VLLMSampler:
             got = torch.tensor([entries[j][str(ids[j])]["logprob"] for j in range(1, len(ids))])
             gap = float((got - want).abs().max())
             if not gap <= self.probe_tol:
+                what = "student's weights after the sync" if self.follow else "teacher's weights"
                 raise OpdError(
-                    f"engine {url} does not serve the student's weights after the sync: a probe "
-                    f"log-prob differs by {gap:.2e} (more than {self.probe_tol:g}); a stale engine "
-                    "would sample from another policy"
+                    f"engine {url} does not serve the {what}: a probe log-prob differs by "
+                    f"{gap:.2e} (more than {self.probe_tol:g}); a stale engine would sample from "
+                    "another policy"
                 )
             worst = max(worst, gap)
         return worst
@@ -239,35 +248,50 @@ class VLLMSampler:
             self.stack.close()
 
 
-def start_vllm_sampler(cfg, model, tokenizer, vocab_size: int, stop_ids, max_len: int):
-    """The VLLMSampler of a run: on sampling.urls, or on an engine opd starts now from the
-    student's folder (stopped by `close`); `max_len` is the longest row (prompt + completion)."""
+def start_vllm_sampler(cfg, model, tokenizer, vocab_size: int, stop_ids, max_len: int,
+                       teacher: bool = False, rank: int = 0, world: int = 1):  # fmt: skip
+    """The VLLMSampler of a run (of rank `rank` of `world`): on its share of sampling.urls
+    (URLs rank, rank + world, ...), or on an engine opd starts now from the student's folder
+    (the teacher's with `teacher`: SFT on its samples), stopped by `close`; `model` is the one
+    the engine must serve, `max_len` the longest row (prompt + completion)."""
     from contextlib import ExitStack
 
-    from opd.engine import serve_vllm
+    from opd.engine import leave_cores, parse_cpus, serve_vllm
 
     s = cfg.sampling
     stack = ExitStack()
-    urls = [u.strip() for u in s.urls.split(",") if u.strip()]
-    name = "student"
+    urls = [u.strip() for u in s.urls.split(",") if u.strip()][rank::world]
+    name = "teacher" if teacher else "student"
+    dtype = cfg.model.teacher_dtype if teacher else cfg.model.dtype
     if not urls:
         log = Path(tempfile.mkstemp(prefix="opd-vllm-", suffix=".log")[1])
-        print(f"opd: starting a vLLM engine for sampling (log {log})", file=sys.stderr)
+        whose = f" of rank {rank}" if world > 1 else ""
+        print(f"opd: starting a vLLM engine{whose} for sampling (log {log})", file=sys.stderr)
         args = ["--logprobs-mode", "processed_logprobs", "--no-enable-prefix-caching",
                 "--generation-config", "vllm", "--seed", str(cfg.run.seed)]  # fmt: skip
         env = {"VLLM_SERVER_DEV_MODE": "1"}
-        if cfg.model.lora_rank > 0:  # the adapters are loaded at run time, after each step
+        if cfg.model.lora_rank > 0 and not teacher:  # adapters loaded at run time, every step
             args += ["--enable-lora", "--max-lora-rank", str(lora_rank_for(cfg.model.lora_rank))]
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        try:  # the user's own `vllm serve` arguments last, so they win
+            args += shlex.split(s.engine_args)
+        except ValueError as e:
+            raise OpdError(f"sampling.engine_args={s.engine_args!r}: {e}") from None
+        folder = cfg.model.teacher if teacher else cfg.model.student
         urls = [stack.enter_context(serve_vllm(
-            cfg.model.student, name=name, max_model_len=max_len, dtype=cfg.model.dtype,
-            log_path=log, extra_args=args, env_extra=env,
+            folder, name=name, max_model_len=max_len, dtype=dtype,
+            log_path=log, extra_args=args, env_extra=env, cpus=s.engine_cpus,
         ))]  # fmt: skip
+        if s.engine_cpus:  # the learner moves to the other cores
+            left = leave_cores(parse_cpus(s.engine_cpus))
+            if cfg.run.threads == 0 and next(model.parameters()).device.type == "cpu":
+                torch.set_num_threads(left)
     else:
         name = served_name(urls[0])
     sampler = VLLMSampler(
         model, urls, name, tokenizer.pad_token_id, stop_ids, vocab_size, s.max_new_tokens,
-        s.temperature, s.top_p, s.top_k, probe_tol=1e-3 if cfg.model.dtype == "float32" else 5e-2,
+        s.temperature, s.top_p, s.top_k, probe_tol=1e-3 if dtype == "float32" else 5e-2,
+        follow=not teacher,
     )  # fmt: skip
     sampler.stack = stack
     return sampler
