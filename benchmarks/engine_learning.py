@@ -6,7 +6,7 @@ trained policy (objective.stale_kl=trainer, the default) and from the sampler
 (stale_kl=sampler), each on --seeds.
 
     OPD_VLLM_VENV=~/.cache/opd/vllm-venv python benchmarks/engine_learning.py \
-        [--steps 50] [--seeds 0,1,2] [--engine-cpus 1] [--cache-dir DIR]
+        [--steps 50] [--seeds 0,1,2] [--engine-cpus 1] [--lr 3e-4] [--cache-dir DIR]
 
 The teacher and SFT student come from `opd demo`'s cache (trained there first when missing,
 about 7 minutes); one engine serves every vLLM run (each run syncs the SFT weights to it
@@ -31,12 +31,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--lr", type=float, default=None, help="OPD's learning rate (the demo's)")
     ap.add_argument("--engine-cpus", default="", help="cores for the engine; this process the rest")
     ap.add_argument("--cache-dir", default=None, help="opd demo's cache (default ~/.cache/opd)")
     ap.add_argument("--out", default="/tmp/opd-engine-learning")
     args = ap.parse_args()
-    s = Settings()
-    st = prepare(s, 0, args.cache_dir, True, lambda msg: print(msg, flush=True))
+    st = prepare(Settings(), 0, args.cache_dir, True, lambda msg: print(msg, flush=True))
+    s = Settings(opd_lr=args.lr or Settings.opd_lr)  # the stages do not depend on opd_lr
     print(f"teacher {st.teacher_acc:.1%}, SFT student {st.sft_acc:.1%} held-out")
     engine_args = ["--logprobs-mode", "processed_logprobs", "--no-enable-prefix-caching",
                    "--generation-config", "vllm"]  # fmt: skip
