@@ -80,8 +80,8 @@ class Objective:
     backward: Backward
     reads: frozenset[str]  # the objective.* settings this objective acts on
     importance_ratio: bool = False  # whether the loss weighs tokens by exp(lp_train - lp_sampler)
-    # whether its advantages read the policy's own log-probs (k_t): rows an older policy
-    # sampled are re-scored by the trained one first (objective.stale_kl=trainer)
+    # whether its advantages read the policy's own log-probs (k_t): on rows an older policy
+    # sampled, k_t is taken from the trained one (objective.stale_kl=trainer, for_stale_rows)
     policy_kl: bool = False
     # whose tokens it trains on: the student's own samples, or the teacher's samples (the
     # rows' own completions when there is no teacher)
