@@ -25,6 +25,7 @@ import torch
 
 from opd.engine import leave_cores, parse_cpus, serve_vllm
 from opd.experiments.demo import Settings, _stage, prepare
+from opd.samplers.vllm import ENGINE_ARGS, ENGINE_ENV
 
 
 def main() -> None:
@@ -39,11 +40,9 @@ def main() -> None:
     st = prepare(Settings(), 0, args.cache_dir, True, lambda msg: print(msg, flush=True))
     s = Settings(opd_lr=args.lr or Settings.opd_lr)  # the stages do not depend on opd_lr
     print(f"teacher {st.teacher_acc:.1%}, SFT student {st.sft_acc:.1%} held-out")
-    engine_args = ["--logprobs-mode", "processed_logprobs", "--no-enable-prefix-caching",
-                   "--generation-config", "vllm"]  # fmt: skip
     longest = 64 + st.max_new
-    with serve_vllm(st.sft, None, "student", max_model_len=longest, extra_args=engine_args,
-                    env_extra={"VLLM_SERVER_DEV_MODE": "1"}, cpus=args.engine_cpus) as url:  # fmt: skip
+    with serve_vllm(st.sft, None, "student", max_model_len=longest, extra_args=ENGINE_ARGS,
+                    env_extra=ENGINE_ENV, cpus=args.engine_cpus) as url:  # fmt: skip
         if args.engine_cpus:
             torch.set_num_threads(leave_cores(parse_cpus(args.engine_cpus, "--engine-cpus")))
         runs = {

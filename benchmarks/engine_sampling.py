@@ -31,6 +31,7 @@ import torch
 from opd import tiny
 from opd.config import build_config
 from opd.engine import leave_cores, parse_cpus, serve_vllm
+from opd.samplers.vllm import ENGINE_ARGS, ENGINE_ENV
 from opd.train import distill
 
 
@@ -69,10 +70,8 @@ def main() -> None:
     venv = (
         Path(os.environ["OPD_VLLM_VENV"]).expanduser() if os.environ.get("OPD_VLLM_VENV") else None
     )
-    engine_args = ["--logprobs-mode", "processed_logprobs", "--no-enable-prefix-caching",
-                   "--generation-config", "vllm"]  # fmt: skip
     with serve_vllm(s_dir, venv, "student", max_model_len=max(lengths) + 32,
-                    extra_args=engine_args, env_extra={"VLLM_SERVER_DEV_MODE": "1"},
+                    extra_args=ENGINE_ARGS, env_extra=ENGINE_ENV,
                     cpus=args.engine_cpus) as url:  # fmt: skip
         if args.engine_cpus:  # as sampling.engine_cpus does for the engine a run starts
             torch.set_num_threads(leave_cores(parse_cpus(args.engine_cpus, "--engine-cpus")))

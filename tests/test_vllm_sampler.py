@@ -16,7 +16,7 @@ from opd import tiny
 from opd.data import load_prompts
 from opd.errors import OpdError
 from opd.models import load_model
-from opd.samplers.vllm import VLLMSampler
+from opd.samplers.vllm import ENGINE_ARGS, ENGINE_ENV, VLLMSampler
 
 from .conftest import words, write_jsonl
 from .vllm_server import serve_vllm, venv_problem, vllm_venv
@@ -42,10 +42,8 @@ def engine(tmp_path_factory):
     prompts = write_jsonl(
         root / "p.jsonl", [{"prompt": w + "=", "answer": w[::-1]} for w in words(16)]
     )
-    args = ["--logprobs-mode", "processed_logprobs", "--no-enable-prefix-caching",
-            "--generation-config", "vllm"]  # fmt: skip
-    dev = {"VLLM_SERVER_DEV_MODE": "1"}
-    with serve_vllm(folder, log_path=root / "vllm.log", extra_args=args, env_extra=dev) as url:
+    with serve_vllm(folder, log_path=root / "vllm.log", extra_args=ENGINE_ARGS,
+                    env_extra=ENGINE_ENV) as url:  # fmt: skip
         yield folder, tok, prompts, url
 
 

@@ -28,6 +28,9 @@ from opd.types import Rollouts
 class Prefetch:
     def __init__(self, sampler):
         self.sampler = sampler
+        # False for an engine serving a fixed teacher (SFT): it never reloads, so what it
+        # samples ahead is what it would sample now, and a sync need not wait for it
+        self.follows = getattr(sampler, "follow", True)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="opd-prefetch")
         self.pending: tuple[int, Future, int] | None = None  # (step, its rollouts, staleness)
 
@@ -43,12 +46,11 @@ class Prefetch:
     def ahead(self, step: int, prompts_P, group_size: int, gen, staleness: int) -> None:
         """Ask now for `step`'s rollouts, to be taken by `take(step, ...)`."""
         future = self.pool.submit(self.sampler.sample, prompts_P, group_size, gen)
-        # an engine serving a fixed teacher (SFT) samples ahead from the very weights it would now
-        self.pending = (step, future, staleness if getattr(self.sampler, "follow", True) else 0)
+        self.pending = (step, future, staleness if self.follows else 0)
 
     def sync(self) -> dict:
-        # the engine finishes what it samples before it reloads (a fixed teacher never reloads)
-        if self.pending is not None and getattr(self.sampler, "follow", True):
+        # the engine finishes what it samples before it reloads
+        if self.pending is not None and self.follows:
             self.pending[1].result()
         return self.sampler.sync()
 

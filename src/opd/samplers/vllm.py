@@ -40,6 +40,13 @@ from opd.errors import OpdError
 from opd.logprobs import completion_logprobs
 from opd.types import Rollouts
 
+# What a sampling engine must run with (the engines opd starts; the benchmarks' and tests' too):
+# log-probs of the distribution sampled, no sampling defaults from the model folder, no prefix
+# cache (it would hold keys and values of old weights), and /collective_rpc for the reload.
+ENGINE_ARGS = ("--logprobs-mode", "processed_logprobs", "--no-enable-prefix-caching",
+               "--generation-config", "vllm")  # fmt: skip
+ENGINE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
+
 
 class VLLMSampler:
     def __init__(
@@ -267,9 +274,7 @@ def start_vllm_sampler(cfg, model, tokenizer, vocab_size: int, stop_ids, max_len
         log = Path(tempfile.mkstemp(prefix="opd-vllm-", suffix=".log")[1])
         whose = f" of rank {rank}" if world > 1 else ""
         print(f"opd: starting a vLLM engine{whose} for sampling (log {log})", file=sys.stderr)
-        args = ["--logprobs-mode", "processed_logprobs", "--no-enable-prefix-caching",
-                "--generation-config", "vllm", "--seed", str(cfg.run.seed)]  # fmt: skip
-        env = {"VLLM_SERVER_DEV_MODE": "1"}
+        args, env = [*ENGINE_ARGS, "--seed", str(cfg.run.seed)], dict(ENGINE_ENV)
         if cfg.model.lora_rank > 0 and not teacher:  # adapters loaded at run time, every step
             args += ["--enable-lora", "--max-lora-rank", str(lora_rank_for(cfg.model.lora_rank))]
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
