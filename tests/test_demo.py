@@ -8,7 +8,13 @@ from transformers import AutoTokenizer
 
 from opd import tiny
 from opd.experiments.demo import run_demo
-from opd.tasks.addition import CHARS, Addition, extract_answer, extract_trace_answer
+from opd.tasks.addition import (
+    CHARS,
+    Addition,
+    extract_answer,
+    extract_either_answer,
+    extract_trace_answer,
+)
 
 
 @given(digits=st.integers(1, 6), data=st.data())
@@ -61,6 +67,24 @@ def test_extract_trace_answer_reads_only_well_formed_traces():
     assert extract_trace_answer("1+2+0=04,3+5+1=09") == "094"
     for bad in ("", "1+2+0=03,", "1+2+0=03,7+6", "1+2+0=3", "1+2+0=03;03", "x1+2+0=03", "03"):
         assert extract_trace_answer(bad) == "", bad
+
+
+@given(digits=st.integers(1, 6), data=st.data())
+def test_both_paths_give_the_sum(digits, data):
+    task = Addition(digits, answer_line=False)
+    a = data.draw(st.integers(0, 10**digits - 1))
+    b = data.draw(st.integers(0, 10**digits - 1))
+    direct = task.direct(a, b)  # "=" and the sum, least significant digit first
+    assert direct[0] == "=" and int(direct[1:][::-1]) == a + b and set(direct) <= set(CHARS)
+    assert extract_either_answer(direct) == extract_either_answer(task.solution(a, b))
+    assert extract_either_answer(direct) == task.answer(a, b)
+
+
+def test_extract_either_answer_reads_only_one_well_formed_path():
+    assert extract_either_answer("=33390") == "09333"
+    assert extract_either_answer("1+2+0=03,3+5+1=09") == "093"
+    for bad in ("=", "=12,3", "=1+2", "1+2+0=03=12", "x=12"):
+        assert extract_either_answer(bad) == "", bad
 
 
 def test_extract_answer_edge_cases():

@@ -244,6 +244,11 @@ def test_an_imperfect_teacher_stops_at_its_validation_accuracy(tmp_path):
     )
     assert "an imperfect teacher: its training stopped at 90.0% validation accuracy" in text
     assert "after 350 steps" in text and "imperfect teacher 92.0%" in claims[1][2]
+    assert "old task" not in claims[1][2]
+    # results measured on the old task (an answer line after the trace) say so in the claims
+    old = {**_imperfect_results(), "teacher_stop_at": 0.9, "teacher_steps": 350}
+    old["task"] = "4-digit addition, digit by digit, with an answer line"
+    assert experiment_section(old, tmp_path)[1][1][2] == claims[1][2] + "; old task (answer line)"
 
 
 def _imperfect_results() -> dict:

@@ -80,7 +80,12 @@ def _teacher_note(r: dict) -> str:
 
 
 def _teacher_claim(r: dict) -> str:
-    return f", imperfect teacher {_pct(r['teacher_accuracy'])}" if r.get("teacher_stop_at") else ""
+    """The teacher and task of a claim row, where they are not the demo's."""
+    old = "; old task (answer line)" if "answer line" in r.get("task", "") else ""
+    imperfect = (
+        f", imperfect teacher {_pct(r['teacher_accuracy'])}" if r.get("teacher_stop_at") else ""
+    )
+    return imperfect + old
 
 
 def _sft_stop_at(r: dict) -> float:

@@ -1,0 +1,89 @@
+"""Can the demo's teacher learn two valid ways to write a sum? (issue 17's several-paths lead)
+
+    python benchmarks/two_paths.py --out /tmp/two-paths [--paths both|direct] [--steps 1000]
+
+Trains the demo's teacher (a Llama h128/L4 from scratch, the demo's teacher settings) on
+4-digit addition where every training problem is written both ways (`--paths both`): the
+column trace ("1+2+0=03,7+6+0=13,...") and the sum written at once, least significant digit
+first ("=33390", `Addition.direct`); `--paths direct` trains on the direct form alone. Then
+prints, for greedy and temperature-1 decoding of the 200 held-out problems, how many took each
+path and how many of those were right (one verifier, `extract_either_answer`).
+
+The lead needs a teacher that samples between two paths it executes well and a student that
+executes one of them worse; this measures the first half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from opd import tiny
+from opd.config import build_config
+from opd.evaluate import evaluate
+from opd.tasks.addition import CHARS, Addition, extract_either_answer
+from opd.train import distill
+
+EXTRACT = "opd.tasks.addition:extract_either_answer"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def by_path(model: Path, test: Path, out: Path, temperature: float, max_new: int) -> str:
+    evaluate(str(model), str(test), out=str(out), max_new_tokens=max_new, extractor=EXTRACT,
+             temperature=temperature)  # fmt: skip
+    counts = {"trace": [0, 0], "direct": [0, 0]}
+    for row in map(json.loads, out.read_text().splitlines()):
+        path = "direct" if row["completion"].strip().startswith("=") else "trace"
+        counts[path][0] += 1
+        counts[path][1] += extract_either_answer(row["completion"]) == row["answer"]
+    right, rows = (sum(c[i] for c in counts.values()) for i in (1, 0))
+    return (
+        f"| {temperature:g} | {right / rows:.1%} | "
+        + " | ".join(f"{n} / {ok}" for n, ok in counts.values())
+        + " |"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--paths", choices=["both", "direct"], default="both")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = Addition(4, answer_line=False)
+    ways = [task.solution, task.direct] if args.paths == "both" else [task.direct]
+    train = write_jsonl(out / "train.jsonl", [
+        {"prompt": task.prompt(a, b), "completion": way(a, b)}
+        for a, b in task.pairs(20000, "train") for way in ways
+    ])  # fmt: skip
+    test = write_jsonl(out / "test.jsonl", task.rows(200, "test"))
+    max_new = len(task.solution(0, 0)) + 2
+    tok = tiny.char_tokenizer(chars=CHARS)
+    model = tiny.tiny_model(tok, hidden=args.hidden, layers=args.layers, heads=4, kv_heads=4,
+                            max_positions=128, seed=0)  # fmt: skip
+    flags = {
+        "objective.kind": "sft", "model.student": str(tiny.save(model, tok, out / "init")),
+        "data.prompts": str(train), "run.out": str(out / "teacher"), "run.steps": args.steps,
+        "data.batch_prompts": 64, "sampling.group_size": 1, "sampling.max_new_tokens": max_new,
+        "optim.lr": 3e-3, "optim.warmup_steps": 50, "optim.schedule": "cosine",
+        "optim.min_lr_ratio": 0.1, "run.save_every": 10_000, "run.seed": 0,
+    }  # fmt: skip
+    teacher = distill(build_config(None, flags, []), force=True)
+    print(f"teacher h{args.hidden}/L{args.layers}, {args.steps} steps on --paths {args.paths}")
+    print("| temperature | accuracy | trace: taken / right | direct: taken / right |")
+    print("|---|---|---|---|")
+    for temperature in (0.0, 1.0):
+        print(by_path(teacher, test, out / f"eval-t{temperature:g}.jsonl", temperature, max_new))
+
+
+if __name__ == "__main__":
+    main()
