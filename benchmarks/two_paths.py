@@ -3,7 +3,7 @@
     python benchmarks/two_paths.py --out /tmp/two-paths [--paths both|direct] [--steps 1000]
 
 Trains the demo's teacher (a Llama h128/L4 from scratch, the demo's teacher settings) on
-4-digit addition where every training problem is written both ways (`--paths both`): the
+the demo's 4-digit addition where every training problem is written both ways (`--paths both`): the
 column trace ("1+2+0=03,7+6+0=13,...") and the sum written at once, least significant digit
 first ("=33390", `Addition.direct`); `--paths direct` trains on the direct form alone. Then
 prints, for greedy and temperature-1 decoding of the 200 held-out problems, how many took each
@@ -22,6 +22,7 @@ from pathlib import Path
 from opd import tiny
 from opd.config import build_config
 from opd.evaluate import evaluate
+from opd.experiments.demo import TEACHER_SCHEDULE, Settings
 from opd.tasks.addition import CHARS, Addition, extract_either_answer
 from opd.train import distill
 
@@ -53,19 +54,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--paths", choices=["both", "direct"], default="both")
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
+    demo = Settings()  # the demo's teacher, unless the flags say otherwise
+    ap.add_argument("--steps", type=int, default=demo.teacher_steps)
+    ap.add_argument("--hidden", type=int, default=demo.teacher_hidden)
+    ap.add_argument("--layers", type=int, default=demo.teacher_layers)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    task = Addition(4, answer_line=False)
+    task = Addition(demo.digits, answer_line=False)
     ways = [task.solution, task.direct] if args.paths == "both" else [task.direct]
     train = write_jsonl(out / "train.jsonl", [
         {"prompt": task.prompt(a, b), "completion": way(a, b)}
-        for a, b in task.pairs(20000, "train") for way in ways
+        for a, b in task.pairs(demo.n_train, "train") for way in ways
     ])  # fmt: skip
-    test = write_jsonl(out / "test.jsonl", task.rows(200, "test"))
+    test = write_jsonl(out / "test.jsonl", task.rows(demo.n_test, "test"))
     max_new = len(task.solution(0, 0)) + 2
     tok = tiny.char_tokenizer(chars=CHARS)
     model = tiny.tiny_model(tok, hidden=args.hidden, layers=args.layers, heads=4, kv_heads=4,
@@ -73,9 +75,9 @@ def main() -> None:
     flags = {
         "objective.kind": "sft", "model.student": str(tiny.save(model, tok, out / "init")),
         "data.prompts": str(train), "run.out": str(out / "teacher"), "run.steps": args.steps,
-        "data.batch_prompts": 64, "sampling.group_size": 1, "sampling.max_new_tokens": max_new,
-        "optim.lr": 3e-3, "optim.warmup_steps": 50, "optim.schedule": "cosine",
-        "optim.min_lr_ratio": 0.1, "run.save_every": 10_000, "run.seed": 0,
+        "data.batch_prompts": demo.teacher_batch, "sampling.group_size": 1,
+        "sampling.max_new_tokens": max_new, "optim.lr": demo.teacher_lr, **TEACHER_SCHEDULE,
+        "run.save_every": 10_000, "run.seed": 0,
     }  # fmt: skip
     teacher = distill(build_config(None, flags, []), force=True)
     print(f"teacher h{args.hidden}/L{args.layers}, {args.steps} steps on --paths {args.paths}")

@@ -32,7 +32,7 @@ from opd.samplers import Sampler, make_sampler
 from opd.samplers.autocast import AutocastSampler
 from opd.samplers.dataset import DatasetSampler
 from opd.samplers.prefetch import Prefetch
-from opd.samplers.vllm import start_vllm_sampler
+from opd.samplers.vllm import engine_urls, start_vllm_sampler
 from opd.score import Scorer
 from opd.setup_teachers import context_length, load_teachers, teacher_backend
 from opd.teachers import DEFAULT, TeacherRouter, is_url, teacher_specs
@@ -284,7 +284,7 @@ def check_vllm(cfg, ctx) -> None:
     """Under torchrun every rank samples on engines of its own (the ranks' weights are equal
     after each step, and each rank syncs its engines): what that needs, each a one-line error."""
     s, world = cfg.sampling, ctx.world_size
-    urls = [u for u in s.urls.split(",") if u.strip()]
+    urls = engine_urls(s.urls)
     if world > 1 and s.engine_cpus:
         raise OpdError(
             f"sampling.engine_cpus={s.engine_cpus!r} places one engine: under torchrun start one "

@@ -67,6 +67,10 @@ class Settings:
     eval_every: int = 10
 
 
+# The teacher's learning-rate schedule (benchmarks/two_paths.py trains its teachers with it too)
+TEACHER_SCHEDULE = {"optim.warmup_steps": 50, "optim.schedule": "cosine", "optim.min_lr_ratio": 0.1}
+
+
 def extractor(s: Settings) -> str:
     """The answer extractor for the task's completion format (one verifier for every method)."""
     name = "extract_answer" if s.answer_line else "extract_trace_answer"
@@ -262,9 +266,7 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
             "run.steps": s.teacher_steps,
             "data.batch_prompts": s.teacher_batch,
             "optim.lr": s.teacher_lr,
-            "optim.warmup_steps": 50,
-            "optim.schedule": "cosine",
-            "optim.min_lr_ratio": 0.1,
+            **TEACHER_SCHEDULE,
             **(
                 {"eval.prompts": str(valid), "eval.every": 25, "eval.stop_at": s.teacher_stop_at}
                 if s.teacher_stop_at

@@ -255,6 +255,11 @@ class VLLMSampler:
             self.stack.close()
 
 
+def engine_urls(text: str) -> list[str]:
+    """sampling.urls as a list ('' gives none: opd starts the engine)."""
+    return [u.strip() for u in text.split(",") if u.strip()]
+
+
 def start_vllm_sampler(cfg, model, tokenizer, vocab_size: int, stop_ids, max_len: int,
                        teacher: bool = False, rank: int = 0, world: int = 1):  # fmt: skip
     """The VLLMSampler of a run (of rank `rank` of `world`): on its share of sampling.urls
@@ -267,7 +272,7 @@ def start_vllm_sampler(cfg, model, tokenizer, vocab_size: int, stop_ids, max_len
 
     s = cfg.sampling
     stack = ExitStack()
-    urls = [u.strip() for u in s.urls.split(",") if u.strip()][rank::world]
+    urls = engine_urls(s.urls)[rank::world]
     name = "teacher" if teacher else "student"
     dtype = cfg.model.teacher_dtype if teacher else cfg.model.dtype
     if not urls:
