@@ -121,6 +121,10 @@ def test_demo_chain_in_test_mode_writes_its_files_reuses_cache_and_improves(tmp_
     assert saved["opd"]["curve"][0][1] == saved["sft"]["accuracy"]
     report = (out / "report.md").read_text()
     assert f"| {saved['sft']['accuracy']:.1%} |" in report and "accuracy.png" in report
+    # the OPD stage runs the settings' loss (the full-vocabulary reverse KL) and says so
+    opd_config = json.loads((out / "opd" / "config.json").read_text())
+    assert opd_config["objective"]["loss"] == saved["settings"]["opd_loss"] == "full"
+    assert "objective.loss=full" in report
     # a real improvement on a tiny budget: the student's KL to the teacher falls
     kl = [v for _, v in saved["opd"]["teacher_kl"]]
     assert sum(kl[-3:]) / 3 < sum(kl[:3]) / 3, kl

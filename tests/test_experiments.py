@@ -18,7 +18,8 @@ def runs(tmp_path_factory):
     cache = str(root / "cache")
     out = {}
     for name in ("math", "lr-sweep", "single-prompt", "self-distill"):
-        budget = {"rl_steps": 4} if name == "math" else {}  # --rl-steps: math's RL budget
+        # --rl-steps and --opd-steps: math's RL and OPD budgets
+        budget = {"rl_steps": 4, "opd_steps": 2} if name == "math" else {}
         out[name] = run_experiment(name, str(root / name), "test", cache, **budget)
     return root, out
 
@@ -28,14 +29,15 @@ def test_math_results_schema(runs):
     r = json.loads((root / "math" / "results.json").read_text())
     assert r == json.loads(json.dumps(out["math"]))
     assert {"target_accuracy", "teacher_accuracy", "methods", "ratios"} <= r.keys()
-    assert set(r["methods"]) == {"opd", "opd-full", "rl", "sft"} and r["sft_stop_at"] == 0.0
-    assert set(r["ratios"]) == set(r["ratios_opd_full"])
-    lrs = {"opd": 3e-3, "opd-full": 2e-3, "rl": 1e-3, "sft": 4e-3}  # the test preset's
+    methods = {"opd", "opd-full", "opd-jsd", "rl", "sft"}
+    assert set(r["methods"]) == methods and r["sft_stop_at"] == 0.0
+    assert set(r["ratios"]) == set(r["ratios_opd_full"]) == set(r["ratios_opd_jsd"])
+    lrs = {"opd": 3e-3, "opd-full": 2e-3, "opd-jsd": 2e-3, "rl": 1e-3, "sft": 4e-3}  # test preset
     for name, m in r["methods"].items():
         assert m["lr"] == lrs[name] and all(p["lr"] == lrs[name] for p in m["per_seed"])
         cfg = json.loads((root / "math" / f"{name}-seed1" / "config.json").read_text())
         assert cfg["optim"]["lr"] == lrs[name] and cfg["eval"]["prompts"].endswith("test.jsonl")
-        assert m["step_budget"] == (4 if name == "rl" else 3)
+        assert m["step_budget"] == {"rl": 4, "sft": 3}.get(name, 2)
         assert {"steps_to_target", "flops_to_target", "final_accuracy", "curves"} <= m.keys()
         assert set(m["curves"]) == {"0", "1"}  # one curve per seed
         for curve in m["curves"].values():
@@ -50,6 +52,9 @@ def test_math_results_schema(runs):
     assert sft["flops/teacher_sampling"] > 0
     full = json.loads((root / "math" / "opd-full-seed0" / "config.json").read_text())
     assert full["objective"]["loss"] == "full"
+    jsd = json.loads((root / "math" / "opd-jsd-seed0" / "config.json").read_text())
+    assert jsd["objective"]["loss"] == "jsd" and jsd["objective"]["jsd_beta"] == 0.5
+    assert "| OPD with generalized JSD (beta 0.5) |" in (root / "math" / "report.md").read_text()
     for png in ("math_steps.png", "math_flops.png"):
         assert (root / "math" / png).stat().st_size > 1000
 
@@ -57,7 +62,8 @@ def test_math_results_schema(runs):
 def test_lr_sweep_runs_every_method_at_every_lr(runs):
     root, out = runs
     r = json.loads((root / "lr-sweep" / "results.json").read_text())
-    assert r["lrs"] == [1e-3, 3e-3] and set(r["methods"]) == {"opd", "opd-full", "rl", "sft"}
+    assert r["lrs"] == [1e-3, 3e-3]
+    assert set(r["methods"]) == {"opd", "opd-full", "opd-jsd", "rl", "sft"}
     for name, m in r["methods"].items():
         assert [run["lr"] for run in m["runs"]] == r["lrs"]
         assert m["best_lr"] in r["lrs"]
@@ -126,11 +132,13 @@ def test_report_renders_from_saved_results(runs, tmp_path, capsys):
             )
         assert e.value.code == 2
         assert f"{flag}={float(bad)}: must be in (0, 1]" in capsys.readouterr().err
-    for name, steps in (("math", "0"), ("self-distill", "5")):
+    for flag, (name, steps) in itertools.product(
+        ("--rl-steps", "--opd-steps"), (("math", "0"), ("self-distill", "5"))
+    ):
         with pytest.raises(SystemExit) as e:
-            main(["experiment", name, "--out", str(tmp_path / "x"), "--rl-steps", steps])
+            main(["experiment", name, "--out", str(tmp_path / "x"), flag, steps])
         assert e.value.code == 2
-        assert f"--rl-steps={steps}: must be a positive step count" in capsys.readouterr().err
+        assert f"{flag}={steps}: must be a positive step count" in capsys.readouterr().err
 
 
 def test_math_takes_its_learning_rates_from_a_sweep_on_the_same_stages(runs, tmp_path, capsys):
@@ -140,12 +148,19 @@ def test_math_takes_its_learning_rates_from_a_sweep_on_the_same_stages(runs, tmp
     r = run_experiment("math", str(tmp_path / "m"), "test", cache, rl_steps=4,
                        lr_from=str(root / "lr-sweep"))  # fmt: skip
     assert r["lr_from"] == str(root / "lr-sweep")
+    report = (tmp_path / "m" / "report.md").read_text()
+    assert f"picked by the `opd experiment lr-sweep` saved in {root / 'lr-sweep'}" in report
     assert {name: m["lr"] for name, m in r["methods"].items()} == best
     other = tmp_path / "other"  # a sweep of another SFT start is refused
     other.mkdir()
     saved = json.loads((root / "lr-sweep" / "results.json").read_text())
     (other / "results.json").write_text(json.dumps({**saved, "sft_stop_at": 0.1}))
+    older = tmp_path / "older"  # a sweep from before math ran generalized JSD is refused
+    older.mkdir()
+    methods = {k: v for k, v in saved["methods"].items() if k != "opd-jsd"}
+    (older / "results.json").write_text(json.dumps({**saved, "methods": methods}))
     for sweep, message in ((other, "swept with sft_stop_at=0.1, this run has"),
+                           (older, "no sweep of opd-jsd in"),
                            (root / "math", "is not an lr-sweep's results"),
                            (tmp_path / "none", "cannot read")):  # fmt: skip
         with pytest.raises(SystemExit) as e:

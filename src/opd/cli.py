@@ -216,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         "target); a low start needs more",
     )
     ex.add_argument(
+        "--opd-steps",
+        type=int,
+        help="math: the step budget of each on-policy distillation loss (default 150, 30 with "
+        "--quick; runs stop early at the target)",
+    )
+    ex.add_argument(
         "--lr-from",
         metavar="DIR",
         help="math: each method's learning rate from DIR's `opd experiment lr-sweep` (made with "
@@ -315,7 +321,7 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "experiment" and args.name.startswith(("personalization", "continual")):
         from opd.experiments.personalization import run as run_personal
 
-        for flag in ("sft_stop_at", "teacher_stop_at", "rl_steps", "lr_from"):
+        for flag in ("sft_stop_at", "teacher_stop_at", "rl_steps", "opd_steps", "lr_from"):
             if getattr(args, flag) is not None:
                 raise OpdError(f"--{flag.replace('_', '-')} is for the math experiments")
         preset = args.preset or ("quick" if args.quick else "default")
@@ -333,6 +339,7 @@ def run(argv: list[str] | None = None) -> int:
             sft_stop_at=args.sft_stop_at,
             teacher_stop_at=args.teacher_stop_at,
             rl_steps=args.rl_steps,
+            opd_steps=args.opd_steps,
             lr_from=args.lr_from,
         )
     elif args.command == "report":

@@ -1,9 +1,9 @@
 """`opd experiment`: the blog's comparisons, on the demo's task, teacher and SFT checkpoint.
 
-- math: from one SFT checkpoint, on-policy distillation (the blog's sampled-token estimator, and
-  the full-vocabulary reverse KL) vs RL (0/1 answer reward) vs continued SFT on the teacher's
-  samples, the same number of sampled sequences per step, several seeds; steps and FLOPs to
-  reach 95% of the teacher's accuracy.
+- math: from one SFT checkpoint, on-policy distillation (the blog's sampled-token estimator, the
+  full-vocabulary reverse KL, and generalized JSD) vs RL (0/1 answer reward) vs continued SFT
+  on the teacher's samples, the same number of sampled sequences per step, several seeds;
+  steps and FLOPs to reach 95% of the teacher's accuracy.
 - lr-sweep: each of math's methods at every learning rate of a grid, one seed, scored on the
   validation split (never the test split math reports); math's per-method learning rates are
   the ones this picks (the fewest steps to the target).
@@ -27,6 +27,7 @@ from pathlib import Path
 from opd.errors import OpdError
 from opd.experiments.demo import PRESETS, Stages, _stage, prepare
 from opd.experiments.rates import swept_rates
+from opd.experiments.self_distill import run_self_distill
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,16 @@ class ExperimentSettings:
     prompts: int = 32  # per step; x group = sampled sequences per step, for every method
     group: int = 4
     # Per-method learning rates: what `opd experiment lr-sweep` picked on the demo's seed-0
-    # stages (docs/experiments/lr-sweep, seed 100): 3e-4 for every method
-    opd_lr: float = 3e-4
+    # stages (docs/experiments/lr-sweep, seed 100)
+    opd_lr: float = 1e-4
     opd_full_lr: float = 3e-4
-    rl_lr: float = 3e-4
+    rl_lr: float = 1e-4
     sft_lr: float = 3e-4
+    opd_jsd_lr: float = 3e-4
+    # on-policy distillation with generalized JSD (GKD's loss, objective.loss=jsd) at this beta:
+    # from one low checkpoint reverse KL drove a token the teacher wants to ~0 and could not
+    # bring it back, and JSD did not lose it (docs/experiments/leads.md)
+    jsd_beta: float = 0.5
     opd_steps: int = 150
     rl_steps: int = 600  # from a low start (--sft-stop-at 0.1) RL is still climbing at 300
     sft_steps: int = 300
@@ -81,6 +87,7 @@ EXPERIMENT_PRESETS = {
         opd_full_lr=2e-3,
         rl_lr=1e-3,
         sft_lr=4e-3,
+        opd_jsd_lr=2e-3,
         opd_steps=3,
         rl_steps=3,
         sft_steps=3,
@@ -142,6 +149,16 @@ def _methods(
             {"objective.kind": "opd", "objective.loss": "full", **teacher},
             opd_steps,
             x.opd_full_lr,
+        ),
+        "opd-jsd": (
+            {
+                "objective.kind": "opd",
+                "objective.loss": "jsd",
+                "objective.jsd_beta": x.jsd_beta,
+                **teacher,
+            },
+            opd_steps,
+            x.opd_jsd_lr,
         ),
         "rl": (
             {"objective.kind": "rl", "objective.extractor": st.common["eval.extractor"]},
@@ -237,6 +254,7 @@ def run_math(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, log) -> 
         "methods": results,
         "ratios": _ratios(results, "opd"),  # against the blog's sampled-token estimator
         "ratios_opd_full": _ratios(results, "opd-full"),
+        "ratios_opd_jsd": _ratios(results, "opd-jsd"),
     }
 
 
@@ -313,74 +331,6 @@ def run_single_prompt(st: Stages, x: ExperimentSettings, out: Path, quiet: bool,
     }
 
 
-def run_self_distill(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, log) -> dict:
-    """Both runs use the starting student as the teacher; KL to it is measured the same way."""
-    results = {}
-    for name, kind, extra in (
-        ("sft", "sft", {}),
-        ("opd", "opd", {}),
-        ("opd-deadzone", "opd", {"objective.kl_deadzone": x.self_deadzone}),
-    ):
-        log(f"self-distill: {name} against the starting model, {x.self_steps} steps ...")
-        run_dir, curve = out / name, []
-        for steps in range(0, x.self_steps + 1, x.self_every):
-            model = st.sft
-            if steps:
-                model = _stage(
-                    {
-                        **st.common,
-                        "objective.kind": kind,
-                        **extra,
-                        "model.student": str(st.sft),
-                        "model.teacher": str(st.sft),
-                        "data.prompts": str(st.prompts),
-                        "run.out": str(run_dir),
-                        "run.steps": steps,  # grows chunk by chunk; each call resumes
-                        "run.save_every": x.self_every,
-                        "data.batch_prompts": x.prompts,
-                        "sampling.group_size": x.group,
-                        "optim.lr": x.self_lr,
-                        "eval.prompts": "",
-                        "run.preflight": False,
-                    },
-                    quiet,
-                    force=steps == x.self_every,
-                )
-            acc, kl = _accuracy_and_kl(model, st)
-            curve.append([steps, acc, kl])
-        results[name] = {"curve": curve, "final_accuracy": curve[-1][1], "final_kl": curve[-1][2]}
-    return {
-        "experiment": "self-distill",
-        "start_accuracy": results["sft"]["curve"][0][1],
-        "lr": x.self_lr,
-        "steps": x.self_steps,
-        "deadzone": x.self_deadzone,
-        "methods": results,
-    }
-
-
-def _accuracy_and_kl(model_dir: Path, st: Stages) -> tuple[float, float]:
-    """Greedy held-out accuracy, and the reverse KL per token to the starting model on the
-    model's own temperature-1 samples of the held-out prompts."""
-    from opd.data import load_prompts
-    from opd.evaluate import evaluate
-    from opd.models import load_model, load_tokenizer
-    from opd.preflight import own_sample_gaps
-
-    acc = evaluate(
-        str(model_dir),
-        str(st.test),
-        max_new_tokens=st.max_new,
-        extractor=st.common["eval.extractor"],
-    )
-    tok = load_tokenizer(str(model_dir))
-    model, start = load_model(str(model_dir)).eval(), load_model(str(st.sft)).eval()
-    prompts, _ = load_prompts(str(st.test), tok)
-    gaps = own_sample_gaps(model, tok, len(tok), prompts, st.max_new, start, 1)
-    kl = float(gaps.mean())
-    return acc["accuracy"], kl
-
-
 RUNNERS = {
     "math": run_math,
     "lr-sweep": run_lr_sweep,
@@ -399,21 +349,26 @@ def run_experiment(
     teacher_stop_at: float | None = None,
     rl_steps: int | None = None,
     lr_from: str | None = None,
+    opd_steps: int | None = None,
 ) -> dict:
     """sft_stop_at: stop the shared SFT stage at this validation accuracy instead of the demo's
     (a lower start makes the RL reward sparser: most groups of samples are all wrong).
     lr_from: math's learning rates from that folder's lr-sweep (made on the same stages).
     teacher_stop_at: stop the teacher's training at this validation accuracy (an imperfect
     teacher whose temperature-1 samples, SFT's data, carry its mistakes).
-    rl_steps: math's RL budget instead of the preset's (RL stops early at the target)."""
+    rl_steps, opd_steps: math's RL budget, and each OPD loss's, instead of the preset's (runs
+    stop early at the target)."""
     t0 = time.time()
     x = EXPERIMENT_PRESETS[preset]
-    if rl_steps is not None and (name != "math" or rl_steps < 1):
-        raise OpdError(f"--rl-steps={rl_steps}: must be a positive step count, for math only")
+    for field, steps in (("rl_steps", rl_steps), ("opd_steps", opd_steps)):
+        if steps is None:
+            continue
+        if name != "math" or steps < 1:
+            flag = field.replace("_", "-")
+            raise OpdError(f"--{flag}={steps}: must be a positive step count, for math only")
+        x = replace(x, **{field: steps})
     if lr_from and name != "math":
         raise OpdError(f"--lr-from {lr_from}: for math only (its learning rates)")
-    if rl_steps is not None:
-        x = replace(x, rl_steps=rl_steps)
     stages = PRESETS[x.stages]
     for field, value in (("sft_stop_at", sft_stop_at), ("teacher_stop_at", teacher_stop_at)):
         if value is None:

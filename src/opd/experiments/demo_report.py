@@ -72,6 +72,21 @@ def plots(root: Path, curve, kl, teacher_acc: float, sft_acc: float) -> None:
     plt.close(fig)
 
 
+def _loss(st: dict) -> str:
+    """What the OPD stage's loss (objective.loss) trains on, in one sentence."""
+    if st.get("opd_loss", "sampled") == "sampled":  # results from before opd_loss existed
+        return (
+            "every sampled token's advantage is the negative reverse KL to the teacher (the "
+            "blog's one-sample estimate)."
+        )
+    if st["opd_loss"] == "full":
+        return (
+            "the reverse KL to the teacher over the whole vocabulary at every position of the "
+            "student's samples (objective.loss=full; the blog samples it one token at a time)."
+        )
+    return f"objective.loss={st['opd_loss']} on the student's samples."
+
+
 def report_md(r: dict, table: str) -> str:
     st = r["settings"]
     return f"""# opd demo: on-policy distillation on {r["task"]}
@@ -92,8 +107,7 @@ fine-tuned off-policy on teacher-written reasoning, then distilled on-policy fro
    ({r["sft"]["steps"]} steps; checked every {st["sft_eval_every"]}; the time includes the
    teacher's sampling and those checks).
 3. **OPD**: `opd distill` from the SFT checkpoint, {st["opd_steps"]} steps of
-   {st["opd_prompts"]} prompts x {st["opd_group"]} student samples; every sampled token's
-   advantage is the negative reverse KL to the teacher; lr {st["opd_lr"]}.
+   {st["opd_prompts"]} prompts x {st["opd_group"]} student samples, lr {st["opd_lr"]}; {_loss(st)}
 
 Accuracy is greedy exact match of the final answer on {r["n_test"]} held-out problems that no stage
 trains on. The SFT budget is deliberately short of convergence, as the blog's SFT checkpoint was

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from opd.errors import OpdError
 
-FIELDS = {"opd": "opd_lr", "opd-full": "opd_full_lr", "rl": "rl_lr", "sft": "sft_lr"}
+FIELDS = {
+    "opd": "opd_lr",
+    "opd-full": "opd_full_lr",
+    "opd-jsd": "opd_jsd_lr",
+    "rl": "rl_lr",
+    "sft": "sft_lr",
+}
 
 
 def swept_rates(sweep_dir: str, stages, sft_accuracy: float) -> dict[str, float]:

@@ -23,9 +23,14 @@ from opd.experiments.personal_report import (
 METHOD_LABEL = {
     "opd": "on-policy distillation (sampled-token, the blog's)",
     "opd-full": "on-policy distillation (full-vocabulary reverse KL)",
+    "opd-jsd": "on-policy distillation (generalized JSD)",
     "rl": "RL (0/1 reward)",
     "sft": "continued SFT",
 }
+
+
+# results.json's ratios against each on-policy distillation loss
+RATIOS = {"opd": "ratios", "opd-full": "ratios_opd_full", "opd-jsd": "ratios_opd_jsd"}
 
 
 def _pct(x) -> str:
@@ -59,8 +64,8 @@ def _at_least(methods: dict, num: str, den: str, field: str) -> float | None:
 
 def _ratio_or_bound(r: dict, key: str, opd: str) -> str:
     """A ratio from results.json, or '> x' when only a lower bound is known."""
-    ratios = r["ratios"] if opd == "opd" else r.get("ratios_opd_full")
-    if ratios is None:  # results from before opd-full was measured
+    ratios = r.get(RATIOS[opd])
+    if ratios is None:  # results from before opd-full (or opd-jsd) was measured
         return "n/a"
     if ratios[key] is not None:
         return _ratio(ratios[key])
@@ -125,7 +130,8 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         fig.savefig(root / name, dpi=110)
         plt.close(fig)
     lines = [
-        f"## math: OPD vs RL vs continued SFT from one SFT checkpoint ({len(r['seeds'])} seeds)",
+        f"## math: OPD vs RL vs continued SFT from one SFT checkpoint at "
+        f"{_pct(r['sft_start_accuracy'])} ({len(r['seeds'])} seeds{_teacher_claim(r)})",
         "",
         f"Teacher {_pct(r['teacher_accuracy'])}{_teacher_note(r)}, "
         f"SFT start {_pct(r['sft_start_accuracy'])} "
@@ -133,8 +139,13 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         + (f"; it ran {r['sft_steps']} steps" if "sft_steps" in r else "")
         + "), "
         f"target {_pct(r['target_accuracy'])}; {r['sequences_per_step']} sampled sequences a "
-        "step for every method, each at its own learning rate (the defaults come from "
-        "`opd experiment lr-sweep` on the demo's SFT checkpoint); medians "
+        "step for every method, each at its own learning rate ("
+        + (
+            f"picked by the `opd experiment lr-sweep` saved in {r['lr_from']}, on this checkpoint"
+            if r.get("lr_from")
+            else "the defaults come from `opd experiment lr-sweep` on the demo's SFT checkpoint"
+        )
+        + "); medians "
         "over seeds, a seed that missed the target counting as infinitely late, so a method "
         "that most seeds took past its budget is not reached. Accuracy is checked every few "
         "steps, so steps to target are rounded up to the next check.",
@@ -153,12 +164,16 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     keys = ("rl_over_opd_steps", "rl_over_opd_flops", "sft_over_opd_steps", "sft_over_opd_flops")
     ra = {k: _ratio_or_bound(r, k, "opd") for k in keys}
     rf = {k: _ratio_or_bound(r, k, "opd-full") for k in keys}
+    rj = {k: _ratio_or_bound(r, k, "opd-jsd") for k in keys}
     lines += [
         "",
         "| against | RL / OPD steps | RL / OPD FLOPs | SFT / OPD steps | SFT / OPD FLOPs |",
         "|---|---|---|---|---|",
     ]
-    for name, x in (("sampled-token OPD", ra), ("full-vocabulary OPD", rf)):
+    rows = [("sampled-token OPD", ra), ("full-vocabulary OPD", rf)]
+    if "opd-jsd" in r["methods"]:
+        rows.append((f"OPD with generalized JSD (beta {r['settings']['jsd_beta']:g})", rj))
+    for name, x in rows:
         lines.append(f"| {name} | " + " | ".join(x[k] for k in keys) + " |")
     lines += [
         "",
@@ -168,19 +183,24 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         "![accuracy vs step](math_steps.png) ![accuracy vs FLOPs](math_flops.png)",
         "",
     ]
+
+    def jsd(key: str) -> str:
+        return f", {rj[key]} (generalized JSD)" if "opd-jsd" in r["methods"] else ""
+
     claims = [
         (
             "OPD reaches the target in far fewer optimizer steps than RL",
             "7-10x fewer steps",
             f"RL / OPD steps {ra['rl_over_opd_steps']} (sampled-token OPD), "
-            f"{rf['rl_over_opd_steps']} (full-vocabulary OPD); SFT start "
+            f"{rf['rl_over_opd_steps']} (full-vocabulary OPD){jsd('rl_over_opd_steps')}; SFT start "
             f"{_pct(r['sft_start_accuracy'])}{_teacher_claim(r)}",
         ),
         (
             "OPD is cheaper per FLOP than SFT (off-policy distillation)",
             "9-30x fewer FLOPs",
             f"continued SFT / OPD FLOPs {ra['sft_over_opd_flops']} (sampled-token OPD), "
-            f"{rf['sft_over_opd_flops']} (full-vocabulary OPD); SFT start "
+            f"{rf['sft_over_opd_flops']} (full-vocabulary OPD){jsd('sft_over_opd_flops')}; "
+            "SFT start "
             f"{_pct(r['sft_start_accuracy'])}{_teacher_claim(r)}",
         ),
     ]
@@ -279,7 +299,8 @@ def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
 def _sweep(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     lrs = r["lrs"]
     lines = [
-        f"## lr-sweep: each method at {len(lrs)} learning rates (seed {r['seed']})",
+        f"## lr-sweep: each method at {len(lrs)} learning rates from an SFT checkpoint at "
+        f"{_pct(r['sft_start_accuracy'])} (seed {r['seed']})",
         "",
         f"From the SFT checkpoint ({_pct(r['sft_start_accuracy'])}), target "
         f"{_pct(r['target_accuracy'])}, {r['sequences_per_step']} sampled sequences a step; "
