@@ -535,15 +535,22 @@ def test_pad_equal_to_eos_keeps_eos_in_the_completion(models):
 
 
 def test_sparse_finished_checks_with_row_drops_keep_logprobs_exact(models, tok):
-    """On a GPU finished rows are looked at every 8th step: rows that stopped keep decoding
+    """On a GPU finished rows are looked at every 8th step (here every 4th, so that the test
+    model's 2-8 token answers fall on both sides of a look): rows that stopped keep decoding
     until then, rows leave the batch later; log-probs must still be the trainer's."""
     model = load_model(str(models["teacher"]))
     prompts = as_prompts(tok, ["abc=", "hello=", "a=", "defgabc=", "ij=", "bad="])
     sampler = kv_sampler(model, tok, 20)
-    sampler.check_every = 8
-    b = sampler.sample(prompts, 4, torch.Generator().manual_seed(5))
-    lengths = b.completion_mask_BT.sum(1)
-    assert lengths.min() < 8 < lengths.max()  # some rows stop long before a look, some after
+    sampler.check_every = 4
+    # the lengths depend on how the fixture's teacher trained on this machine: take the first
+    # seed whose rows stop both before the first look and after it
+    for seed in range(5, 25):
+        b = sampler.sample(prompts, 4, torch.Generator().manual_seed(seed))
+        lengths = b.completion_mask_BT.sum(1)
+        if lengths.min() < 4 < lengths.max():
+            break
+    else:
+        pytest.fail(f"no seed gave rows stopping before and after step 4: {lengths.tolist()}")
     with torch.no_grad():
         lp_BT = completion_logprobs(model, b.tokens_BT, b.attention_mask_BT, b.prompt_len, len(tok))
     m = b.completion_mask_BT

@@ -111,8 +111,11 @@ def test_a_teacher_given_the_answer_teaches_the_student_to_answer(tok, tmp_path)
         distill(build_config(None, flags, []))
         evals = [json.loads(x) for x in (out / "metrics.jsonl").open()]
         accuracy[name] = [r["eval/accuracy"] for r in evals if "eval/accuracy" in r]
-    assert accuracy["given"][0] == 0 and accuracy["given"][-1] >= 0.5, accuracy  # 0.625 here
-    assert accuracy["plain"][-1] == 0, accuracy  # the same teacher without the secret: nothing
+    # the start guesses a 2-letter secret from 9 at chance (0 or 1 of the 8 prompts, depending
+    # on the machine's rounding); given the secret the teacher lifts it to 5 or more of 8
+    assert accuracy["given"][0] <= 0.125 and accuracy["given"][-1] >= 0.5, accuracy
+    # the same teacher without the secret teaches nothing: the student stays at chance
+    assert accuracy["plain"][-1] <= 0.125, accuracy
 
 
 def test_bad_teacher_context_is_one_line_naming_the_row(models, tok, tmp_path):

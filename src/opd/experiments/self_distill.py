@@ -5,12 +5,9 @@ reverse KL to the starting model over steps."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from opd.experiments.demo import Stages, _stage
-
-if TYPE_CHECKING:  # blog imports this module for its runner table
-    from opd.experiments.blog import ExperimentSettings
+from opd.experiments.settings import ExperimentSettings
 
 
 def run_self_distill(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, log) -> dict:
