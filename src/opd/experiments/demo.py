@@ -375,7 +375,7 @@ def run_demo(
 
     # 3. On-policy distillation from the SFT checkpoint (always run: it is the demonstration).
     log(
-        f"on-policy distillation ({s.opd_loss} reverse KL): {s.opd_steps} steps of "
+        f"on-policy distillation (objective.loss={s.opd_loss}): {s.opd_steps} steps of "
         f"{s.opd_prompts} prompts x {s.opd_group} samples ..."
     )
     t0 = time.time()
