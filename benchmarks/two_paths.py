@@ -17,21 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from opd import tiny
-from opd.config import build_config
 from opd.evaluate import evaluate
-from opd.experiments.demo import TEACHER_SCHEDULE, Settings
+from opd.experiments.demo import TEACHER_SCHEDULE, Settings, _train_from_scratch, _write_jsonl
 from opd.tasks.addition import CHARS, Addition, extract_either_answer
-from opd.train import distill
 
 EXTRACT = "opd.tasks.addition:extract_either_answer"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def by_path(model: Path, test: Path, out: Path, temperature: float, max_new: int) -> str:
@@ -63,24 +57,23 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     task = Addition(demo.digits, answer_line=False)
     ways = [task.solution, task.direct] if args.paths == "both" else [task.direct]
-    train = write_jsonl(out / "train.jsonl", [
+    train = _write_jsonl(out / "train.jsonl", [
         {"prompt": task.prompt(a, b), "completion": way(a, b)}
         for a, b in task.pairs(demo.n_train, "train") for way in ways
     ])  # fmt: skip
-    test = write_jsonl(out / "test.jsonl", task.rows(demo.n_test, "test"))
+    test = _write_jsonl(out / "test.jsonl", task.rows(demo.n_test, "test"))
     max_new = len(task.solution(0, 0)) + 2
-    tok = tiny.char_tokenizer(chars=CHARS)
-    model = tiny.tiny_model(tok, hidden=args.hidden, layers=args.layers, heads=4, kv_heads=4,
-                            max_positions=128, seed=0)  # fmt: skip
     flags = {
-        "objective.kind": "sft", "model.student": str(tiny.save(model, tok, out / "init")),
-        "data.prompts": str(train), "run.out": str(out / "teacher"), "run.steps": args.steps,
-        "data.batch_prompts": demo.teacher_batch, "sampling.group_size": 1,
-        "sampling.max_new_tokens": max_new, "optim.lr": demo.teacher_lr, **TEACHER_SCHEDULE,
-        "run.save_every": 10_000, "run.seed": 0,
+        "data.prompts": str(train), "run.steps": args.steps,
+        "data.batch_prompts": demo.teacher_batch, "sampling.max_new_tokens": max_new,
+        "optim.lr": demo.teacher_lr, **TEACHER_SCHEDULE, "run.seed": 0,
     }  # fmt: skip
-    teacher = distill(build_config(None, flags, []), force=True)
-    print(f"teacher h{args.hidden}/L{args.layers}, {args.steps} steps on --paths {args.paths}")
+    stage = out / "teacher"
+    shutil.rmtree(stage, ignore_errors=True)  # always train: the stage helper would reuse it
+    plan = f"teacher h{args.hidden}/L{args.layers}, {args.steps} steps on --paths {args.paths}"
+    _train_from_scratch(stage, tiny.char_tokenizer(chars=CHARS), args.hidden, args.layers, 0,
+                        False, flags, print, "teacher", plan)  # fmt: skip
+    teacher = stage / "final"
     print("| temperature | accuracy | trace: taken / right | direct: taken / right |")
     print("|---|---|---|---|")
     for temperature in (0.0, 1.0):
