@@ -29,8 +29,13 @@ METHOD_LABEL = {
 }
 
 
-# results.json's ratios against each on-policy distillation loss
+# results.json's ratios against each on-policy distillation loss, and the loss's short name
 RATIOS = {"opd": "ratios", "opd-full": "ratios_opd_full", "opd-jsd": "ratios_opd_jsd"}
+LOSS_NAME = {
+    "opd": "sampled-token OPD",
+    "opd-full": "full-vocabulary OPD",
+    "opd-jsd": "generalized JSD",
+}
 
 
 def _pct(x) -> str:
@@ -162,19 +167,19 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
             f"{m['reached']}/{len(m['per_seed'])} | {m['step_budget']} |"
         )
     keys = ("rl_over_opd_steps", "rl_over_opd_flops", "sft_over_opd_steps", "sft_over_opd_flops")
-    ra = {k: _ratio_or_bound(r, k, "opd") for k in keys}
-    rf = {k: _ratio_or_bound(r, k, "opd-full") for k in keys}
-    rj = {k: _ratio_or_bound(r, k, "opd-jsd") for k in keys}
+    # each OPD loss's ratios; generalized JSD only in results that ran it
+    losses = [m for m in RATIOS if m != "opd-jsd" or m in r["methods"]]
+    ratios = {m: {k: _ratio_or_bound(r, k, m) for k in keys} for m in losses}
     lines += [
         "",
         "| against | RL / OPD steps | RL / OPD FLOPs | SFT / OPD steps | SFT / OPD FLOPs |",
         "|---|---|---|---|---|",
     ]
-    rows = [("sampled-token OPD", ra), ("full-vocabulary OPD", rf)]
-    if "opd-jsd" in r["methods"]:
-        rows.append((f"OPD with generalized JSD (beta {r['settings']['jsd_beta']:g})", rj))
-    for name, x in rows:
-        lines.append(f"| {name} | " + " | ".join(x[k] for k in keys) + " |")
+    for m in losses:
+        name = LOSS_NAME[m]
+        if m == "opd-jsd":
+            name = f"OPD with generalized JSD (beta {r['settings']['jsd_beta']:g})"
+        lines.append(f"| {name} | " + " | ".join(ratios[m][k] for k in keys) + " |")
     lines += [
         "",
         "'> x': the numerator method missed the target within its budget, so only a lower "
@@ -184,24 +189,20 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         "",
     ]
 
-    def jsd(key: str) -> str:
-        return f", {rj[key]} (generalized JSD)" if "opd-jsd" in r["methods"] else ""
+    def each_loss(key: str) -> str:
+        return ", ".join(f"{ratios[m][key]} ({LOSS_NAME[m]})" for m in losses)
 
+    start = f"SFT start {_pct(r['sft_start_accuracy'])}{_teacher_claim(r)}"
     claims = [
         (
             "OPD reaches the target in far fewer optimizer steps than RL",
             "7-10x fewer steps",
-            f"RL / OPD steps {ra['rl_over_opd_steps']} (sampled-token OPD), "
-            f"{rf['rl_over_opd_steps']} (full-vocabulary OPD){jsd('rl_over_opd_steps')}; SFT start "
-            f"{_pct(r['sft_start_accuracy'])}{_teacher_claim(r)}",
+            f"RL / OPD steps {each_loss('rl_over_opd_steps')}; {start}",
         ),
         (
             "OPD is cheaper per FLOP than SFT (off-policy distillation)",
             "9-30x fewer FLOPs",
-            f"continued SFT / OPD FLOPs {ra['sft_over_opd_flops']} (sampled-token OPD), "
-            f"{rf['sft_over_opd_flops']} (full-vocabulary OPD){jsd('sft_over_opd_flops')}; "
-            "SFT start "
-            f"{_pct(r['sft_start_accuracy'])}{_teacher_claim(r)}",
+            f"continued SFT / OPD FLOPs {each_loss('sft_over_opd_flops')}; {start}",
         ),
     ]
     return "\n".join(lines), claims
