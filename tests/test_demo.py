@@ -78,12 +78,17 @@ def test_both_paths_give_the_sum(digits, data):
     assert direct[0] == "=" and int(direct[1:][::-1]) == a + b and set(direct) <= set(CHARS)
     assert extract_either_answer(direct) == extract_either_answer(task.solution(a, b))
     assert extract_either_answer(direct) == task.answer(a, b)
+    sums = task.sums(a, b)  # the column sums, each after a ",", least significant first
+    assert sums[0] == "," and len(sums) == 3 * digits and set(sums) <= set(CHARS)
+    assert extract_either_answer(sums) == task.answer(a, b)
 
 
 def test_extract_either_answer_reads_only_one_well_formed_path():
     assert extract_either_answer("=33390") == "09333"
     assert extract_either_answer("1+2+0=03,3+5+1=09") == "093"
-    for bad in ("=", "=12,3", "=1+2", "1+2+0=03=12", "x=12"):
+    assert extract_either_answer(",03,13,13,09") == "09333"
+    assert Addition(4, answer_line=False).sums(3471, 5862) == ",03,13,13,09"
+    for bad in ("=", "=12,3", "=1+2", ",03,13,", ",03,1x", ",", "=03,13", "1+2+0=03=12", "x=12"):
         assert extract_either_answer(bad) == "", bad
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from opd.cli import main
-from opd.experiments.blog import _pick, run_experiment
+from opd.experiments.blog import _edge_step, _past, _pick, run_experiment
 from opd.experiments.report import experiment_section, write_report
 
 
@@ -62,11 +62,14 @@ def test_math_results_schema(runs):
 def test_lr_sweep_runs_every_method_at_every_lr(runs):
     root, out = runs
     r = json.loads((root / "lr-sweep" / "results.json").read_text())
-    assert r["lrs"] == [1e-3, 3e-3]
+    assert r["lrs"] == [1e-3, 3e-3] and r["extend"] == 1  # the test preset's grid
     assert set(r["methods"]) == {"opd", "opd-full", "opd-jsd", "rl", "sft"}
     for name, m in r["methods"].items():
-        assert [run["lr"] for run in m["runs"]] == r["lrs"]
-        assert m["best_lr"] in r["lrs"]
+        ran = [run["lr"] for run in m["runs"]]
+        assert ran == sorted(ran) and set(r["lrs"]) <= set(ran) and m["best_lr"] in ran
+        # one rate past the grid (3e-4 below, 1e-2 above) where the grid's pick was its edge
+        grid_runs = [run for run in m["runs"] if run["lr"] in r["lrs"]]
+        assert set(ran) - set(r["lrs"]) == {_past(_pick(grid_runs), _pick(grid_runs) == 3e-3)}
         assert m["step_budget"] == 2  # the sweep's own budgets; math's test budgets are 3
         for run in m["runs"]:
             cfg = json.loads(
@@ -74,10 +77,27 @@ def test_lr_sweep_runs_every_method_at_every_lr(runs):
             )
             assert cfg["optim"]["lr"] == run["lr"]
             assert cfg["eval"]["prompts"].endswith("valid.jsonl")  # never the test split
-    assert (
-        "| method | lr 0.001 | lr 0.003 | step budget |"
-        in (root / "lr-sweep" / "report.md").read_text()
-    )
+    report = (root / "lr-sweep" / "report.md").read_text()
+    ran = sorted({run["lr"] for m in r["methods"].values() for run in m["runs"]})
+    assert "| method | " + " | ".join(f"lr {lr:g}" for lr in ran) + " | step budget |" in report
+    assert ("'-' marks a rate a method did not run" in report) == (len(ran) > 2)
+
+
+def test_a_pick_at_the_edge_of_the_rates_run_asks_for_the_next_rate_past_it():
+    assert [_past(lr, up=True) for lr in (1e-4, 3e-4, 1e-3)] == [3e-4, 1e-3, 3e-3]
+    assert [_past(lr, up=False) for lr in (1e-4, 3e-5, 3e-4)] == [3e-5, 1e-5, 1e-4]
+
+    def run(lr, acc, steps=None):
+        return {"lr": lr, "steps_to_target": steps, "final_accuracy": acc}
+
+    # RL from a 4% start: every grid rate lost ground, 1e-4 least; 3e-5 learnt
+    runs = [run(1e-4, 0.015), run(3e-4, 0.0), run(1e-3, 0.0)]
+    assert _edge_step(runs) == 3e-5
+    assert _edge_step(runs + [run(3e-5, 0.135)]) == 1e-5
+    assert _edge_step(runs + [run(3e-5, 0.135), run(1e-5, 0.05)]) is None  # 3e-5 is inside
+    assert _edge_step([run(1e-4, 0.5), run(3e-4, 0.9, steps=40)]) == 1e-3  # the top edge
+    assert _edge_step([run(1e-4, 0.5), run(3e-4, 0.9), run(1e-3, 0.2)]) is None
+    assert _edge_step([run(1e-4, 0.5)]) is None  # one rate has no edge to step past
 
 
 def test_pick_prefers_fewest_steps_then_accuracy():

@@ -6,7 +6,9 @@
   steps and FLOPs to reach 95% of the teacher's accuracy.
 - lr-sweep: each of math's methods at every learning rate of a grid, one seed, scored on the
   validation split (never the test split math reports); math's per-method learning rates are
-  the ones this picks (the fewest steps to the target).
+  the ones this picks (the fewest steps to the target). A method whose pick is the grid's
+  lowest or highest rate runs the next rate past it (up to `sweep_extend` more), so that a
+  pick is never just where the grid happened to end.
 - single-prompt: on-policy distillation on one training prompt, many rollouts a step.
 - self-distill: the teacher is the starting student itself; SFT on its own samples vs OPD
   against itself, held-out accuracy and KL to the starting model over steps.
@@ -19,6 +21,7 @@ sensitive, so every method gets its own learning rate, picked by `lr-sweep` (see
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, replace
@@ -196,19 +199,46 @@ def _pick(runs: list[dict]) -> float:
     return max(runs, key=lambda r: r["final_accuracy"])["lr"]
 
 
+def _past(lr: float, up: bool) -> float:
+    """The next rate past lr on the 1-3-10 ladder: 1e-4 -> 3e-4 up, 3e-5 down; 3e-4 -> 1e-3
+    up, 1e-4 down (another mantissa: x3 or /3), rounded to one significant digit."""
+    mantissa = lr / 10 ** math.floor(math.log10(lr) + 1e-9)
+    factor = {1: (3, 10 / 3), 3: (10 / 3, 3)}.get(round(mantissa), (3, 3))
+    return float(f"{lr * factor[0] if up else lr / factor[1]:.1g}")
+
+
+def _edge_step(runs: list[dict]) -> float | None:
+    """The rate to try next when the pick is the lowest or highest rate run so far, else None."""
+    lrs = sorted(r["lr"] for r in runs)
+    best = _pick(runs)
+    if len(lrs) < 2 or lrs[0] < best < lrs[-1]:
+        return None
+    return _past(best, up=best == lrs[-1])
+
+
+def _sweep_run(st, x, name, flags, steps, target, out, quiet, log, lr: float) -> dict:
+    log(f"lr-sweep: {name}, lr {lr}, up to {steps} steps (stops at {target:.1%}) ...")
+    summary, curve = _run_to_target(
+        st, x, flags, steps, lr, x.sweep_seed, target, out / f"{name}-lr{lr:g}", quiet, st.valid
+    )
+    return {**summary, "curve": curve}
+
+
 def run_lr_sweep(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, log) -> dict:
-    """Each math method at every learning rate of x.sweep_lrs, one seed, x.sweep_steps budgets."""
+    """Each math method at every learning rate of x.sweep_lrs, one seed, x.sweep_steps budgets;
+    then, while a method's pick is the lowest or highest rate it ran, the next rate past it (at
+    most x.sweep_extend more)."""
     target = x.target_share * st.teacher_acc
     results = {}
     for name, (flags, steps, _) in _methods(st, x, sweep=True).items():
-        runs = []
-        for lr in x.sweep_lrs:
-            log(f"lr-sweep: {name}, lr {lr}, up to {steps} steps (stops at {target:.1%}) ...")
-            run_dir = out / f"{name}-lr{lr:g}"
-            summary, curve = _run_to_target(
-                st, x, flags, steps, lr, x.sweep_seed, target, run_dir, quiet, st.valid
-            )
-            runs.append({**summary, "curve": curve})
+        sweep = (st, x, name, flags, steps, target, out, quiet, log)
+        runs = [_sweep_run(*sweep, lr) for lr in x.sweep_lrs]
+        for _ in range(x.sweep_extend):
+            if (lr := _edge_step(runs)) is None:
+                break
+            log(f"lr-sweep: {name}'s pick {_pick(runs):g} is the edge of the rates run")
+            runs.append(_sweep_run(*sweep, lr))
+        runs.sort(key=lambda r: r["lr"])
         results[name] = {"step_budget": steps, "runs": runs, "best_lr": _pick(runs)}
     return {
         "experiment": "lr-sweep",
@@ -218,6 +248,7 @@ def run_lr_sweep(st: Stages, x: ExperimentSettings, out: Path, quiet: bool, log)
         "sft_start_accuracy": st.sft_acc,
         "seed": x.sweep_seed,
         "lrs": list(x.sweep_lrs),
+        "extend": x.sweep_extend,
         "sequences_per_step": x.prompts * x.group,
         "methods": results,
     }

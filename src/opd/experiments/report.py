@@ -298,9 +298,17 @@ def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
 
 
 def _sweep(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
-    lrs = r["lrs"]
+    grid = r["lrs"]
+    # every rate some method ran: the grid, and the rates past its edge a pick asked for
+    lrs = sorted({run["lr"] for m in r["methods"].values() for run in m["runs"]} | set(grid))
+    extended = (
+        f" A method whose pick was the lowest or highest rate it had run also ran the next rate "
+        f"past it (at most {r['extend']} more); '-' marks a rate a method did not run."
+        if len(lrs) > len(grid)
+        else ""
+    )
     lines = [
-        f"## lr-sweep: each method at {len(lrs)} learning rates from an SFT checkpoint at "
+        f"## lr-sweep: each method at {len(grid)} learning rates from an SFT checkpoint at "
         f"{_pct(r['sft_start_accuracy'])} (seed {r['seed']})",
         "",
         f"From the SFT checkpoint ({_pct(r['sft_start_accuracy'])}), target "
@@ -309,16 +317,21 @@ def _sweep(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         "still 95% of the teacher's test accuracy). "
         "Each cell: steps to target (final accuracy). The picked learning rate (fewest steps "
         "to target, then the higher final accuracy, then the first in the grid; if none "
-        "reached it, the highest final accuracy) is in bold.",
+        "reached it, the highest final accuracy) is in bold." + extended,
         "",
         "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | step budget |",
         "|---|" + "---|" * len(lrs) + "---|",
     ]
     for method, m in r["methods"].items():
+        by_lr = {run["lr"]: run for run in m["runs"]}
         cells = []
-        for run in m["runs"]:
+        for lr in lrs:
+            if lr not in by_lr:
+                cells.append("-")
+                continue
+            run = by_lr[lr]
             cell = f"{_num(run['steps_to_target'])} ({_pct(run['final_accuracy'])})"
-            cells.append(f"**{cell}**" if run["lr"] == m["best_lr"] else cell)
+            cells.append(f"**{cell}**" if lr == m["best_lr"] else cell)
         lines.append(
             f"| {METHOD_LABEL.get(method, method)} | "
             + " | ".join(cells)

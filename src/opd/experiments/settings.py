@@ -27,6 +27,10 @@ class ExperimentSettings:
     rl_steps: int = 600  # from a low start (--sft-stop-at 0.1) RL is still climbing at 300
     sft_steps: int = 300
     sweep_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    # lr-sweep: while a method's pick is the lowest or highest rate it ran, run the next rate
+    # past it, at most this many more (from a 4% start RL's pick was the grid's 1e-4, and 3e-5
+    # learnt where 1e-4 lost ground: docs/experiments/leads.md)
+    sweep_extend: int = 2
     sweep_seed: int = 100  # not one of math's seeds, so no math run repeats a sweep run
     sweep_steps: tuple[int, int, int] = (150, 300, 300)  # budgets of OPD, RL, SFT in lr-sweep
     eval_every: int = 10
@@ -52,6 +56,7 @@ EXPERIMENT_PRESETS = {
         single_rollouts=64,
         self_steps=40,
         sweep_lrs=(1e-4, 3e-4),
+        sweep_extend=0,
         sweep_steps=(30, 100, 100),
     ),
     "test": ExperimentSettings(
@@ -73,6 +78,7 @@ EXPERIMENT_PRESETS = {
         self_steps=2,
         self_every=1,
         sweep_lrs=(1e-3, 3e-3),
+        sweep_extend=1,
         sweep_steps=(2, 2, 2),
     ),
 }

@@ -51,6 +51,11 @@ class Addition:
         ("=33390" for 09333), no trace: each digit needs the carry from the column below."""
         return "=" + self.answer(a, b)[::-1]
 
+    def sums(self, a: int, b: int) -> str:
+        """A second path that keeps the carry in sight: the column sums alone, least significant
+        first, each after a ',' (",03,13,13,09" for 3471+5862): the trace without its operands."""
+        return "".join("," + c.split("=")[1] for c in self.solution(a, b).split(";")[0].split(","))
+
     def split_of(self, a: int, b: int, seed: int = 0) -> str:
         """'test' for about 1 pair in 10, 'valid' for another 1 in 10, else 'train'; fixed by seed."""
         h = hashlib.blake2b(f"{seed}:{a}:{b}".encode(), digest_size=2).digest()
@@ -77,12 +82,17 @@ class Addition:
 
 
 def extract_either_answer(text: str) -> str:
-    """Either path of the two-path task: '=' and digits (`Addition.direct`), else a trace
-    (`extract_trace_answer`)."""
+    """Any path of the two-path task: '=' and digits (`Addition.direct`), ',' and column sums
+    (`Addition.sums`), else a trace (`extract_trace_answer`)."""
     text = text.strip()
     if text.startswith("="):
         return text[1:][::-1] if text[1:].isdigit() else ""
-    return extract_trace_answer(text)
+    if not text.startswith(","):
+        return extract_trace_answer(text)
+    sums = text[1:].split(",")
+    if not all(len(s) == 2 and s.isdigit() for s in sums):
+        return ""
+    return sums[-1] + "".join(s[1] for s in reversed(sums[:-1]))
 
 
 def extract_answer(text: str) -> str:
