@@ -1,0 +1,37 @@
+"""Steps and FLOPs to a held-out accuracy target, read from run folders' metrics.jsonl.
+
+    python benchmarks/steps_to_target.py --target 0.95 DIR/opd-seed0 DIR/rl-seed0 ...
+
+For runs of an `opd experiment math` that was stopped before it wrote results.json: one row per
+run, the first evaluation at or above the target (as math counts it: the step, and the run's
+cumulative FLOPs there), and the last evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", type=float, required=True, help="held-out accuracy, e.g. 0.95")
+    ap.add_argument("runs", nargs="+", type=Path)
+    args = ap.parse_args()
+    print("| run | steps to target | FLOPs to target | last evaluation |")
+    print("|---|---|---|---|")
+    for run in args.runs:
+        flops, evals = 0.0, []
+        for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
+            flops = row.get("flops/total", flops)
+            if "eval/accuracy" in row:
+                evals.append((row["step"], flops, row["eval/accuracy"]))
+        hit = next((e for e in evals if e[2] >= args.target), None)
+        reached = f"{hit[0]} | {hit[1]:.3g}" if hit else "not reached | not reached"
+        step, _, acc = evals[-1]
+        print(f"| {run.name} | {reached} | {acc:.1%} at step {step} |")
+
+
+if __name__ == "__main__":
+    main()
