@@ -2,8 +2,8 @@
 
     python benchmarks/steps_to_target.py --target 0.95 DIR/opd-seed0 DIR/rl-seed0 ...
 
-For runs of an `opd experiment math` that was stopped before it wrote results.json: one row per
-run, the first evaluation at or above the target (as math counts it: the step, and the run's
+For run folders that no results.json sums up (benchmarks/two_paths_distill.py's, or those of an
+`opd experiment math` stopped early): one row per run, the first evaluation at or above the target (as math counts it: the step, and the run's
 cumulative FLOPs there), and the last evaluation.
 """
 
