@@ -10,8 +10,9 @@ cumulative FLOPs there), and the last evaluation.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from opd.experiments.blog import _curve, _first_reaching, _metrics
 
 
 def main() -> None:
@@ -22,14 +23,10 @@ def main() -> None:
     print("| run | steps to target | FLOPs to target | last evaluation |")
     print("|---|---|---|---|")
     for run in args.runs:
-        flops, evals = 0.0, []
-        for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
-            flops = row.get("flops/total", flops)
-            if "eval/accuracy" in row:
-                evals.append((row["step"], flops, row["eval/accuracy"]))
-        hit = next((e for e in evals if e[2] >= args.target), None)
-        reached = f"{hit[0]} | {hit[1]:.3g}" if hit else "not reached | not reached"
-        step, _, acc = evals[-1]
+        curve = _curve(_metrics(run))  # as math reads it: [step, cumulative FLOPs, accuracy]
+        step, flops = _first_reaching(curve, args.target)
+        reached = f"{step} | {flops:.3g}" if step is not None else "not reached | not reached"
+        step, _, acc = curve[-1]
         print(f"| {run.name} | {reached} | {acc:.1%} at step {step} |")
 
 

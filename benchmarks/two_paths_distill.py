@@ -27,7 +27,6 @@ target and each run's final greedy path counts.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from two_paths import by_path
 
 from opd import tiny
 from opd.evaluate import evaluate
+from opd.experiments.blog import _curve, _first_reaching, _metrics
 from opd.experiments.demo import Settings, _stage, _train_from_scratch
 from opd.tasks.addition import CHARS
 
@@ -56,14 +56,13 @@ def run(args, name: str, lr: float, seed: int, split: str, steps: int, target: f
         "optim.lr": lr, "eval.prompts": str(args.data / f"{split}.jsonl"), "eval.every": 10,
         "eval.extractor": EXTRACT, "eval.stop_at": target,
     }, True, force=True)  # fmt: skip
-    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-    curve = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    curve = _curve(_metrics(out))  # as math reads it: [step, cumulative FLOPs, accuracy]
     paths = by_path(out / "final", args.data / f"{split}.jsonl", out / "paths.jsonl", 0.0, 37)
-    reached = next((s for s, a in curve if a >= target), None)
+    reached, _ = _first_reaching(curve, target)
     print(f"{name} lr {lr:g} seed {seed}: steps to {target:.1%} {reached or 'not reached'}; "
-          f"accuracy at steps 0, 10, ...: {' '.join(f'{a:.3f}' for _, a in curve)}")  # fmt: skip
+          f"accuracy at steps 0, 10, ...: {' '.join(f'{c[2]:.3f}' for c in curve)}")  # fmt: skip
     print(f"  final greedy paths {paths}")
-    return [reached, curve[-1][1]]
+    return [reached, curve[-1][2]]
 
 
 def main() -> None:
