@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from opd.engine import leave_cores, parse_cpus, serve_vllm
-from opd.experiments.demo import Settings, _stage, prepare
+from opd.experiments.demo import _stage, prepare
+from opd.experiments.demo_settings import Settings
 from opd.samplers.vllm import ENGINE_ARGS, ENGINE_ENV
 
 

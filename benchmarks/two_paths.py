@@ -26,7 +26,8 @@ from pathlib import Path
 
 from opd import tiny
 from opd.evaluate import evaluate
-from opd.experiments.demo import TEACHER_SCHEDULE, Settings, _train_from_scratch, _write_jsonl
+from opd.experiments.demo import _train_from_scratch, _write_jsonl
+from opd.experiments.demo_settings import TEACHER_SCHEDULE, Settings
 from opd.tasks.addition import CHARS, Addition, extract_either_answer
 
 EXTRACT = "opd.tasks.addition:extract_either_answer"

@@ -35,7 +35,8 @@ from two_paths import by_path
 from opd import tiny
 from opd.evaluate import evaluate
 from opd.experiments.blog import _curve, _first_reaching, _metrics
-from opd.experiments.demo import Settings, _stage, _train_from_scratch
+from opd.experiments.demo import _stage, _train_from_scratch
+from opd.experiments.demo_settings import Settings
 from opd.tasks.addition import CHARS
 
 EXTRACT = "opd.tasks.addition:extract_either_answer"
@@ -74,11 +75,16 @@ def main() -> None:
     ap.add_argument("--sft-lr", type=float, default=3e-4)
     ap.add_argument("--opd-lr", type=float, default=3e-4)
     ap.add_argument("--steps", type=int, default=300, help="compare's step budget")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--methods", default=",".join(METHODS), help="compare's methods, comma-separated"
+    )
     s = Settings()
+    ap.add_argument("--hidden", type=int, default=s.student_hidden, help="the student's width")
+    ap.add_argument("--layers", type=int, default=s.student_layers, help="the student's depth")
+    args = ap.parse_args()
     stage = Path(args.out) / "sft-start"
-    _train_from_scratch(stage, tiny.char_tokenizer(chars=CHARS), s.student_hidden,
-                        s.student_layers, 1, True, {
+    _train_from_scratch(stage, tiny.char_tokenizer(chars=CHARS), args.hidden, args.layers, 1,
+                        True, {
         "model.teacher": args.teacher, "data.prompts": str(args.data / "prompts.jsonl"),
         "run.steps": s.sft_steps, "data.batch_prompts": s.sft_batch, "optim.lr": s.sft_lr,
         "eval.prompts": str(args.data / "valid.jsonl"), "eval.every": s.sft_eval_every,
@@ -97,7 +103,7 @@ def main() -> None:
                 run(args, name, lr, 100, "valid", 150, target)
         return
     lrs = {"sft": args.sft_lr, "opd": args.opd_lr, "opd-seq": args.opd_lr}
-    for name in METHODS:
+    for name in args.methods.split(","):
         got = [run(args, name, lrs[name], seed, "test", args.steps, target) for seed in (0, 1, 2)]
         steps = [float("inf") if r is None else r for r, _ in got]
         print(f"{name}: median steps to target {statistics.median(steps)}, "

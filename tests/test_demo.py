@@ -1,13 +1,18 @@
 """The demo's pieces: the addition task, the character tokenizer on disk, SFT, and the whole chain."""
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from opd import tiny
-from opd.experiments.demo import run_demo
+from opd.errors import OpdError
+from opd.experiments.demo import prepare, run_demo
+from opd.experiments.demo_settings import PRESETS
 from opd.tasks.addition import (
     CHARS,
     Addition,
@@ -163,3 +168,35 @@ def test_demo_over_seeds_reports_every_seed_and_the_spread(tmp_path, capsys):
     saved = json.loads((tmp_path / "demo" / "seeds.json").read_text())
     assert saved["seeds"] == [0, 1] and "| 1 |" in (tmp_path / "demo" / "seeds.md").read_text()
     assert "OPD / teacher: median" in out
+
+
+def test_demo_on_the_two_path_task(tmp_path):
+    """--task two-paths: the teacher learns every problem written both ways, every stage scores
+    with the one verifier that reads either path, and OPD gives sequence-level credit."""
+    cache = str(tmp_path / "cache")
+    r = run_demo(str(tmp_path / "demo"), preset="test", cache_dir=cache, task="two-paths")
+    teacher_run = Path(r["teacher"]["path"]).parent / "run"
+    data = json.loads((teacher_run / "config.json").read_text())["data"]["prompts"]
+    rows = [json.loads(x) for x in Path(data).read_text().splitlines()]
+    task = Addition(2, answer_line=False)
+    assert len(rows) == 2 * PRESETS["test"].n_train
+    for trace, sums in zip(rows[::2], rows[1::2], strict=True):
+        assert trace["prompt"] == sums["prompt"] and sums["completion"].startswith(",")
+        a, b = map(int, trace["prompt"][:-1].split("+"))
+        assert trace["completion"] == task.solution(a, b) and sums["completion"] == task.sums(a, b)
+        assert extract_either_answer(sums["completion"]) == task.answer(a, b)
+    opd = json.loads((tmp_path / "demo" / "opd" / "config.json").read_text())
+    assert opd["objective"]["loss"] == "sampled" and opd["objective"]["discount"] == 1.0
+    assert opd["eval"]["extractor"] == "opd.tasks.addition:extract_either_answer"
+    sft = json.loads((Path(r["sft"]["path"]).parent / "run" / "config.json").read_text())
+    assert sft["eval"]["extractor"] == opd["eval"]["extractor"]
+    student = json.loads((Path(r["sft"]["path"]) / "config.json").read_text())
+    assert student["num_hidden_layers"] == 1
+    assert r["task"] == "2-digit addition, two paths (trace+sums), a 1-layer student"
+    assert "objective.discount=1: sequence-level" in (tmp_path / "demo" / "report.md").read_text()
+    # the one-path task's stages are cached under other keys
+    one = prepare(PRESETS["test"], 0, cache, True, lambda msg: None)
+    assert one.teacher != Path(r["teacher"]["path"]) and one.sft != Path(r["sft"]["path"])
+    bad = replace(PRESETS["test"], paths="trace+direct")
+    with pytest.raises(OpdError, match="Settings.paths='trace\\+direct': one of"):
+        prepare(bad, 0, cache, True, lambda msg: None)

@@ -258,7 +258,8 @@ def test_report_renders_results_from_before_opd_full(tmp_path):
 def test_an_imperfect_teacher_stops_at_its_validation_accuracy(tmp_path):
     from dataclasses import replace
 
-    from opd.experiments.demo import PRESETS, prepare
+    from opd.experiments.demo import prepare
+    from opd.experiments.demo_settings import PRESETS
 
     stages = replace(PRESETS["test"], teacher_stop_at=0.99)
     st = prepare(stages, 0, str(tmp_path / "cache"), True, lambda msg: None)
@@ -305,3 +306,45 @@ def _imperfect_results() -> dict:
         "ratios": ratios,
         "ratios_opd_full": ratios,
     }
+
+
+def test_math_on_the_two_path_task(runs, tmp_path, capsys):
+    """--task two-paths: its own teacher and SFT stages, one verifier reading either path, and the
+    sampled-token OPD with sequence-level credit (the other losses have no discount)."""
+    root, _ = runs
+    cache = str(root / "cache")
+    with pytest.raises(SystemExit) as e:  # a sweep made on the one-path task is refused
+        main(["experiment", "math", "--out", str(tmp_path / "x"), "--lr-from",
+              str(root / "lr-sweep"), "--task", "two-paths", "--preset", "test", "--cache-dir",
+              cache])  # fmt: skip
+    assert e.value.code == 2
+    assert (
+        "swept with task='2-digit addition, digit by digit', this run has"
+        in capsys.readouterr().err
+    )
+    r = run_experiment("math", str(tmp_path / "m"), "test", cache, rl_steps=2, opd_steps=2,
+                       task="two-paths", sft_steps=2)  # fmt: skip
+    budgets = {name: m["step_budget"] for name, m in r["methods"].items()}
+    assert budgets == {"opd": 2, "opd-full": 2, "opd-jsd": 2, "rl": 2, "sft": 2}
+    assert r["task"] == "2-digit addition, two paths (trace+sums), a 1-layer student"
+    configs = {
+        name: json.loads((tmp_path / "m" / f"{name}-seed0" / "config.json").read_text())
+        for name in r["methods"]
+    }
+    assert configs["opd"]["objective"]["discount"] == 1.0
+    assert configs["opd"]["objective"]["loss"] == "sampled"
+    assert all(configs[n]["objective"]["discount"] == 0.0 for n in ("opd-full", "opd-jsd", "rl"))
+    extractors = {c["eval"]["extractor"] for c in configs.values()}
+    assert extractors == {"opd.tasks.addition:extract_either_answer"}
+    assert configs["rl"]["objective"]["extractor"] == "opd.tasks.addition:extract_either_answer"
+    report = (tmp_path / "m" / "report.md").read_text()  # the report names task and credit
+    assert "(2 seeds; two-path task)" in report
+    assert "| on-policy distillation (sampled-token) with sequence-level credit | 0.003 |" in report
+    one_path = json.loads((root / "math" / "opd-seed0" / "config.json").read_text())
+    assert configs["opd"]["model"]["teacher"] != one_path["model"]["teacher"]
+    assert one_path["objective"]["discount"] == 0.0
+    with pytest.raises(SystemExit) as e:
+        main(["experiment", "personalization", "--out", str(tmp_path / "p"), "--task",
+              "two-paths", "--preset", "test"])  # fmt: skip
+    assert e.value.code == 2
+    assert "--task two-paths is for the demo and the math experiments" in capsys.readouterr().err

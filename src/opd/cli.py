@@ -86,6 +86,16 @@ def _distill_epilog(kind: str) -> str:
     return "\n".join(lines)
 
 
+# --task of `opd demo` and `opd experiment`
+TASK = {
+    "choices": ["addition", "two-paths"],
+    "default": "addition",
+    "help": "addition: the column trace (default); two-paths: a teacher that writes each sum two "
+    "ways and samples between them, a 1-layer student that executes only one, OPD with "
+    "sequence-level credit (docs/experiments/leads.md)",
+}
+
+
 def _seed_list(text: str) -> list[int]:
     """`--seeds 0,1,2`: distinct integers, at least one."""
     try:
@@ -172,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "then the spread over seeds (OUT/seeds.md, seeds.json)",
     )
     dm.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
+    dm.add_argument("--task", **TASK)
     dm.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
     dm.add_argument("--verbose", action="store_true", help="show every step of every stage")
 
@@ -222,12 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick; runs stop early at the target)",
     )
     ex.add_argument(
+        "--sft-steps",
+        type=int,
+        help="math: continued SFT's step budget (default 300, 100 with --quick; SFT stops early "
+        "at the target)",
+    )
+    ex.add_argument(
         "--lr-from",
         metavar="DIR",
         help="math: each method's learning rate from DIR's `opd experiment lr-sweep` (made with "
         "the same --sft-stop-at/--teacher-stop-at) instead of the built-in ones",
     )
     ex.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
+    ex.add_argument("--task", **TASK)
     ex.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
     ex.add_argument("--verbose", action="store_true", help="show every step of every run")
 
@@ -315,15 +333,18 @@ def run(argv: list[str] | None = None) -> int:
         if args.seeds:
             from opd.experiments.demo_seeds import run_seeds
 
-            run_seeds(args.out, preset, args.seeds, args.cache_dir, quiet=not args.verbose)
+            run_seeds(args.out, preset, args.seeds, args.cache_dir, not args.verbose, args.task)
         else:
-            run_demo(args.out, preset, args.seed, args.cache_dir, quiet=not args.verbose)
+            run_demo(args.out, preset, args.seed, args.cache_dir, not args.verbose, task=args.task)
     elif args.command == "experiment" and args.name.startswith(("personalization", "continual")):
         from opd.experiments.personalization import run as run_personal
 
-        for flag in ("sft_stop_at", "teacher_stop_at", "rl_steps", "opd_steps", "lr_from"):
+        for flag in ("sft_stop_at", "teacher_stop_at", "rl_steps", "opd_steps", "sft_steps",
+                     "lr_from"):  # fmt: skip
             if getattr(args, flag) is not None:
                 raise OpdError(f"--{flag.replace('_', '-')} is for the math experiments")
+        if args.task != "addition":
+            raise OpdError(f"--task {args.task} is for the demo and the math experiments")
         preset = args.preset or ("quick" if args.quick else "default")
         run_personal(args.name, args.out, preset, args.cache_dir, quiet=not args.verbose)
     elif args.command == "experiment":
@@ -340,7 +361,9 @@ def run(argv: list[str] | None = None) -> int:
             teacher_stop_at=args.teacher_stop_at,
             rl_steps=args.rl_steps,
             opd_steps=args.opd_steps,
+            sft_steps=args.sft_steps,
             lr_from=args.lr_from,
+            task=args.task,
         )
     elif args.command == "report":
         from opd.experiments.report import write_report

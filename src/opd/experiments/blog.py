@@ -28,7 +28,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from opd.errors import OpdError
-from opd.experiments.demo import PRESETS, Stages, _stage, prepare
+from opd.experiments.demo import Stages, _stage, prepare
+from opd.experiments.demo_settings import settings_for, task_name
 from opd.experiments.rates import swept_rates
 from opd.experiments.self_distill import run_self_distill
 from opd.experiments.settings import EXPERIMENT_PRESETS, ExperimentSettings
@@ -72,11 +73,14 @@ def _methods(
     """math's methods: name -> (flags for `opd distill`, step budget, learning rate); with
     sweep, lr-sweep's budgets."""
     teacher = {"model.teacher": str(st.teacher)}
+    d = st.settings.opd_discount
+    discount = {"objective.discount": d} if d else {}
     opd_steps, rl_steps, sft_steps = (
         x.sweep_steps if sweep else (x.opd_steps, x.rl_steps, x.sft_steps)
     )
     return {
-        "opd": ({"objective.kind": "opd", **teacher}, opd_steps, x.opd_lr),
+        # the sampled-token estimator, with the task's credit (--task two-paths: discount 1)
+        "opd": ({"objective.kind": "opd", **teacher, **discount}, opd_steps, x.opd_lr),
         "opd-full": (
             {"objective.kind": "opd", "objective.loss": "full", **teacher},
             opd_steps,
@@ -310,17 +314,25 @@ def run_experiment(
     rl_steps: int | None = None,
     lr_from: str | None = None,
     opd_steps: int | None = None,
+    task: str = "addition",
+    sft_steps: int | None = None,
 ) -> dict:
     """sft_stop_at: stop the shared SFT stage at this validation accuracy instead of the demo's
     (a lower start makes the RL reward sparser: most groups of samples are all wrong).
     lr_from: math's learning rates from that folder's lr-sweep (made on the same stages).
     teacher_stop_at: stop the teacher's training at this validation accuracy (an imperfect
     teacher whose temperature-1 samples, SFT's data, carry its mistakes).
-    rl_steps, opd_steps: math's RL budget, and each OPD loss's, instead of the preset's (runs
-    stop early at the target)."""
+    task: "addition" or "two-paths" (demo_settings.TWO_PATHS: both paths, a 1-layer student,
+    and OPD's sampled-token estimator with sequence-level credit).
+    rl_steps, opd_steps, sft_steps: math's RL budget, each OPD loss's and continued SFT's,
+    instead of the preset's (runs stop early at the target)."""
     t0 = time.time()
     x = EXPERIMENT_PRESETS[preset]
-    for field, steps in (("rl_steps", rl_steps), ("opd_steps", opd_steps)):
+    for field, steps in (
+        ("rl_steps", rl_steps),
+        ("opd_steps", opd_steps),
+        ("sft_steps", sft_steps),
+    ):
         if steps is None:
             continue
         if name != "math" or steps < 1:
@@ -329,7 +341,7 @@ def run_experiment(
         x = replace(x, **{field: steps})
     if lr_from and name != "math":
         raise OpdError(f"--lr-from {lr_from}: for math only (its learning rates)")
-    stages = PRESETS[x.stages]
+    stages = settings_for(x.stages, task)
     for field, value in (("sft_stop_at", sft_stop_at), ("teacher_stop_at", teacher_stop_at)):
         if value is None:
             continue
@@ -353,8 +365,7 @@ def run_experiment(
         "teacher_steps": st.teacher_steps,
         "lr_from": lr_from,
         "settings": asdict(replace(x)),
-        "task": f"{st.settings.digits}-digit addition, digit by digit"
-        + (", with an answer line" if st.settings.answer_line else ""),
+        "task": task_name(st.settings),
         "wall_seconds": round(time.time() - t0, 1),
     }
     from opd.experiments.report import save_results

@@ -11,6 +11,9 @@ Here, with no model hub:
    (`opd sft --teacher`, off-policy distillation; teacher sampling counts as cost);
 3. opd: `opd distill` from the SFT checkpoint, with held-out accuracy measured along the way.
 
+`--task two-paths` (demo_settings.TWO_PATHS): the teacher learns every problem written two ways
+and samples between them, the student has one layer and executes only one of them.
+
 Teacher and SFT stages are cached under the cache folder, keyed by their settings, so a second
 `opd demo` reuses them. Deliberately left out: the blog's RL and continued-SFT comparisons and
 the FLOPs ledger (`opd experiment`), and real chat models.
@@ -24,87 +27,24 @@ import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from opd import tiny
 from opd.config import build_config
+from opd.errors import OpdError
 from opd.evaluate import evaluate
 from opd.experiments.demo_report import demo_table, param_count, plots, report_md
+from opd.experiments.demo_settings import (
+    PATHS,
+    TEACHER_SCHEDULE,
+    Settings,
+    extractor,
+    settings_for,
+    task_name,
+)
 from opd.tasks.addition import CHARS, Addition
 from opd.train import distill
-
-
-@dataclass(frozen=True)
-class Settings:
-    digits: int = 4
-    # False: the trace is the completion and the answer is read off it; True: the completion
-    # ends with ";" and the answer copied from the column sums, a long-range copy the 2-layer
-    # student had not learnt in 300 SFT steps and OPD did not fix: OPD stalled (docs/demo.md)
-    answer_line: bool = False
-    n_train: int = 20000
-    n_test: int = 200
-    n_valid: int = 200
-    teacher_hidden: int = 128
-    teacher_layers: int = 4
-    teacher_steps: int = 1000
-    teacher_lr: float = 3e-3
-    teacher_batch: int = 64
-    # 0: train all teacher_steps; else stop once validation accuracy reaches it (an imperfect
-    # teacher, whose temperature-1 samples carry its mistakes)
-    teacher_stop_at: float = 0.0
-    student_hidden: int = 128
-    student_layers: int = 2
-    sft_steps: int = 800  # a cap: the stage stops once validation accuracy passes sft_stop_at
-    sft_lr: float = 3e-3
-    sft_batch: int = 64
-    sft_stop_at: float = 0.3
-    sft_eval_every: int = 10
-    opd_steps: int = 100  # 50 left the SFT student still climbing on some random streams
-    opd_lr: float = 3e-4
-    # the full-vocabulary reverse KL (objective.loss): the blog's objective computed exactly at
-    # each position; its one-sample estimate ("sampled") left 2 of 5 seeds below 90% of the
-    # teacher after 100 steps on a second machine (docs/demo.md)
-    opd_loss: str = "full"
-    opd_prompts: int = 32
-    opd_group: int = 4
-    eval_every: int = 10
-
-
-# The teacher's learning-rate schedule (benchmarks/two_paths.py trains its teachers with it too)
-TEACHER_SCHEDULE = {"optim.warmup_steps": 50, "optim.schedule": "cosine", "optim.min_lr_ratio": 0.1}
-
-
-def extractor(s: Settings) -> str:
-    """The answer extractor for the task's completion format (one verifier for every method)."""
-    name = "extract_answer" if s.answer_line else "extract_trace_answer"
-    return f"opd.tasks.addition:{name}"
-
-
-PRESETS = {
-    "default": Settings(),
-    "quick": replace(Settings(), opd_steps=20),  # shares the default's cached stages
-    "test": Settings(
-        digits=2,
-        n_train=400,
-        n_test=20,
-        n_valid=20,
-        teacher_hidden=32,
-        teacher_layers=1,
-        teacher_steps=40,
-        teacher_batch=32,
-        student_hidden=16,
-        student_layers=1,
-        sft_steps=5,
-        sft_stop_at=0.0,
-        sft_batch=8,
-        opd_steps=8,
-        opd_lr=3e-3,
-        opd_prompts=4,
-        opd_group=4,
-        eval_every=4,
-    ),
-}
 
 
 def _key(*parts) -> str:
@@ -232,6 +172,13 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
         for a, b in task.pairs(s.n_train, "train", seed, seed)
     ]
     train = _write_jsonl(data / "train.jsonl", train_rows)
+    if s.paths not in PATHS or (s.paths != "trace" and s.answer_line):
+        raise OpdError(f"Settings.paths={s.paths!r}: one of {list(PATHS)}, without answer_line")
+    ways = [getattr(task, way) for way in PATHS[s.paths]]
+    teacher_rows = train if s.paths == "trace" else _write_jsonl(data / f"train-{s.paths}.jsonl", [
+        {"prompt": task.prompt(a, b), "completion": way(a, b)}
+        for a, b in task.pairs(s.n_train, "train", seed, seed) for way in ways
+    ])  # fmt: skip
     test = _write_jsonl(data / "test.jsonl", task.rows(s.n_test, "test", seed, seed))
     valid = _write_jsonl(data / "valid.jsonl", task.rows(s.n_valid, "valid", seed, seed))
     prompt_only = _write_jsonl(
@@ -254,6 +201,7 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
         s.teacher_lr,
         s.teacher_batch,
         *([s.teacher_stop_at] if s.teacher_stop_at else []),  # old keys stay valid
+        *([s.paths] if s.paths != "trace" else []),
     )
     t_dir = cache / f"teacher-{t_key}"
     t0 = time.time()
@@ -266,7 +214,7 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
         quiet,
         {
             **common,
-            "data.prompts": str(train),
+            "data.prompts": str(teacher_rows),
             "run.steps": s.teacher_steps,
             "data.batch_prompts": s.teacher_batch,
             "optim.lr": s.teacher_lr,
@@ -280,7 +228,9 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
         log,
         "teacher",
         f"training the teacher (Llama h{s.teacher_hidden}/L{s.teacher_layers}) on "
-        f"{s.digits}-digit addition, {s.teacher_steps} steps"
+        f"{s.digits}-digit addition"
+        + (f" written two ways ({s.paths})" if s.paths != "trace" else "")
+        + f", {s.teacher_steps} steps"
         + (f" or until {s.teacher_stop_at:.0%} validation accuracy" if s.teacher_stop_at else "")
         + " ...",
     )
@@ -362,9 +312,11 @@ def run_demo(
     cache_dir: str | None = None,
     quiet: bool = True,
     settings: Settings | None = None,
+    task: str = "addition",
 ) -> dict:
+    """task: "addition" (the trace alone) or "two-paths" (demo_settings.TWO_PATHS)."""
     t_start = time.time()
-    s = settings or PRESETS[preset]
+    s = settings or settings_for(preset, task)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
 
@@ -392,6 +344,7 @@ def run_demo(
             "sampling.group_size": s.opd_group,
             "optim.lr": s.opd_lr,
             "objective.loss": s.opd_loss,
+            **({"objective.discount": s.opd_discount} if s.opd_discount else {}),
             "eval.every": s.eval_every,
             "run.save_every": s.opd_steps,
         },
@@ -430,7 +383,7 @@ def run_demo(
             "seconds": round(opd_seconds, 1),
             "path": str(opd_out / "final"),
         },
-        "task": f"{s.digits}-digit addition, digit by digit",
+        "task": task_name(s),
         "n_test": s.n_test,
         "preset": preset,
         "settings": asdict(s),

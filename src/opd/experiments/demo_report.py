@@ -74,6 +74,12 @@ def plots(root: Path, curve, kl, teacher_acc: float, sft_acc: float) -> None:
 
 def _loss(st: dict) -> str:
     """What the OPD stage's loss (objective.loss) trains on, in one sentence."""
+    if st.get("opd_loss", "sampled") == "sampled" and st.get("opd_discount"):
+        return (
+            "every sampled token's advantage is the negative reverse KL to the teacher still to "
+            f"come in its sample (objective.discount={st['opd_discount']:g}: sequence-level "
+            "credit, so the token that picks a path carries what the student then does on it)."
+        )
     if st.get("opd_loss", "sampled") == "sampled":  # results from before opd_loss existed
         return (
             "every sampled token's advantage is the negative reverse KL to the teacher (the "
@@ -85,6 +91,15 @@ def _loss(st: dict) -> str:
             "student's samples (objective.loss=full; the blog samples it one token at a time)."
         )
     return f"objective.loss={st['opd_loss']} on the student's samples."
+
+
+def _paths(st: dict) -> str:
+    if st.get("paths", "trace") == "trace":
+        return "traces"
+    return (
+        "problems, each written two ways: the column trace and the column sums alone, so the "
+        "teacher samples between them"
+    )
 
 
 def report_md(r: dict, table: str) -> str:
@@ -100,7 +115,7 @@ What ran, mirroring the blog's math experiment (a large teacher; a smaller stude
 fine-tuned off-policy on teacher-written reasoning, then distilled on-policy from that checkpoint):
 
 1. **teacher**: Llama h{st["teacher_hidden"]}/L{st["teacher_layers"]} trained from scratch on
-   {st["n_train"]} gold traces (`opd sft` on the rows' completions, {st["teacher_steps"]} steps).
+   {st["n_train"]} gold {_paths(st)} (`opd sft` on the rows' completions, {st["teacher_steps"]} steps).
 2. **SFT** (off-policy distillation): a smaller Llama h{st["student_hidden"]}/L{st["student_layers"]}
    trained from scratch on the teacher's temperature-1 samples, {st["sft_batch"]} samples a step,
    until its accuracy on a separate validation split first reached {st["sft_stop_at"]:.0%}

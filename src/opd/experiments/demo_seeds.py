@@ -81,13 +81,20 @@ def seeds_plot(root: Path, results: list[dict]) -> None:
 
 
 def run_seeds(
-    out: str, preset: str, seeds: list[int], cache_dir: str | None, quiet: bool = True
+    out: str,
+    preset: str,
+    seeds: list[int],
+    cache_dir: str | None,
+    quiet: bool = True,
+    task: str = "addition",
 ) -> dict:
     root = Path(out)
     results = []
     for seed in seeds:
         print(f"\n=== seed {seed} ===", flush=True)
-        results.append(run_demo(str(root / f"seed-{seed}"), preset, seed, cache_dir, quiet))
+        results.append(
+            run_demo(str(root / f"seed-{seed}"), preset, seed, cache_dir, quiet, task=task)
+        )
     table = seeds_table(results)
     s = spread(results)
     o, f, w = s["opd_of_teacher"], s["sft_of_teacher"], s["wall_seconds"]
@@ -98,11 +105,11 @@ def run_seeds(
         f"every seed: OPD >= {OPD_AT_LEAST:.0%} and SFT <= {SFT_AT_MOST:.0%} of the teacher: "
         + ("yes" if s["every_seed_holds"] else "NO")
     )
-    doc = {"seeds": seeds, "preset": preset, "spread": s, "runs": results}
+    doc = {"seeds": seeds, "preset": preset, "task": task, "spread": s, "runs": results}
     (root / "seeds.json").write_text(json.dumps(doc, indent=2) + "\n")
     seeds_plot(root, results)
     (root / "seeds.md").write_text(
-        f"# opd demo over seeds {seeds}\n\n{table}\n\n{summary}\n\n![OPD over seeds](seeds.png)\n"
+        f"# opd demo over seeds {seeds} (task: {results[0]['task']})\n\n{table}\n\n{summary}\n\n![OPD over seeds](seeds.png)\n"
     )
     print(f"\n{table}\n\n{summary}\n\nwrote {root}/seeds.md, seeds.json, seeds.png, seed-*/")
     return doc

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from opd.errors import OpdError
+from opd.experiments.demo_settings import task_name
 
 FIELDS = {
     "opd": "opd_lr",
@@ -29,7 +30,8 @@ def swept_rates(sweep_dir: str, stages, sft_accuracy: float) -> dict[str, float]
         raise OpdError(f"--lr-from {sweep_dir}: {path} is not an lr-sweep's results")
     for key, value in (("sft_stop_at", stages.sft_stop_at),
                        ("teacher_stop_at", stages.teacher_stop_at or None),
-                       ("sft_start_accuracy", sft_accuracy)):  # fmt: skip
+                       ("sft_start_accuracy", sft_accuracy),
+                       ("task", task_name(stages))):  # fmt: skip
         if saved.get(key) != value:
             raise OpdError(
                 f"--lr-from {sweep_dir}: swept with {key}={saved.get(key)!r}, this run has "

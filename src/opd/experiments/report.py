@@ -38,6 +38,15 @@ LOSS_NAME = {
 }
 
 
+def _label(method: str, r: dict, names: dict = METHOD_LABEL) -> str:
+    """A method's name in a table; on the two-path task the sampled-token loss ran with
+    sequence-level credit (objective.discount=1), and says so."""
+    name = names.get(method, method)
+    if method == "opd" and "two paths" in r.get("task", ""):
+        return name.replace(", the blog's", "") + " with sequence-level credit"
+    return name
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{x:.1%}"
 
@@ -91,7 +100,9 @@ def _teacher_note(r: dict) -> str:
 
 def _teacher_claim(r: dict) -> str:
     """The teacher and task of a claim row, where they are not the demo's."""
-    old = "; old task (answer line)" if "answer line" in r.get("task", "") else ""
+    task = r.get("task", "")
+    old = "; old task (answer line)" if "answer line" in task else ""
+    old += "; two-path task" if "two paths" in task else ""
     imperfect = (
         f", imperfect teacher {_pct(r['teacher_accuracy'])}" if r.get("teacher_stop_at") else ""
     )
@@ -102,7 +113,7 @@ def _sft_stop_at(r: dict) -> float:
     """The SFT stage's stop accuracy (results from before --sft-stop-at: the stages preset's)."""
     if "sft_stop_at" in r:
         return r["sft_stop_at"]
-    from opd.experiments.demo import PRESETS
+    from opd.experiments.demo_settings import PRESETS
 
     return PRESETS[r["settings"]["stages"]].sft_stop_at
 
@@ -121,7 +132,7 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
                     [c[2] for c in curve],
                     color=f"C{i}",
                     alpha=0.8,
-                    label=METHOD_LABEL.get(method, method) if j == 0 else None,
+                    label=_label(method, r) if j == 0 else None,
                 )
         ax.axhline(r["target_accuracy"], color="k", linestyle=":", label="target (95% of teacher)")
         if axis == 1:
@@ -161,7 +172,7 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     ]
     for method, m in r["methods"].items():
         lines.append(
-            f"| {METHOD_LABEL.get(method, method)} | {m.get('lr', r.get('lr')):g} | "
+            f"| {_label(method, r)} | {m.get('lr', r.get('lr')):g} | "
             f"{_num(m['steps_to_target'])} | "
             f"{_flops(m['flops_to_target'])} | {_pct(m['final_accuracy'])} | "
             f"{m['reached']}/{len(m['per_seed'])} | {m['step_budget']} |"
@@ -176,7 +187,7 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         "|---|---|---|---|---|",
     ]
     for m in losses:
-        name = LOSS_NAME[m]
+        name = _label(m, r, LOSS_NAME)
         if m == "opd-jsd":
             name = f"OPD with generalized JSD (beta {r['settings']['jsd_beta']:g})"
         lines.append(f"| {name} | " + " | ".join(ratios[m][k] for k in keys) + " |")
@@ -190,7 +201,7 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     ]
 
     def each_loss(key: str) -> str:
-        return ", ".join(f"{ratios[m][key]} ({LOSS_NAME[m]})" for m in losses)
+        return ", ".join(f"{ratios[m][key]} ({_label(m, r, LOSS_NAME)})" for m in losses)
 
     start = f"SFT start {_pct(r['sft_start_accuracy'])}{_teacher_claim(r)}"
     claims = [
@@ -309,7 +320,7 @@ def _sweep(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     )
     lines = [
         f"## lr-sweep: each method at {len(grid)} learning rates from an SFT checkpoint at "
-        f"{_pct(r['sft_start_accuracy'])} (seed {r['seed']})",
+        f"{_pct(r['sft_start_accuracy'])} (seed {r['seed']}{_teacher_claim(r)})",
         "",
         f"From the SFT checkpoint ({_pct(r['sft_start_accuracy'])}), target "
         f"{_pct(r['target_accuracy'])}, {r['sequences_per_step']} sampled sequences a step; "
@@ -332,11 +343,7 @@ def _sweep(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
             run = by_lr[lr]
             cell = f"{_num(run['steps_to_target'])} ({_pct(run['final_accuracy'])})"
             cells.append(f"**{cell}**" if lr == m["best_lr"] else cell)
-        lines.append(
-            f"| {METHOD_LABEL.get(method, method)} | "
-            + " | ".join(cells)
-            + f" | {m['step_budget']} |"
-        )
+        lines.append(f"| {_label(method, r)} | " + " | ".join(cells) + f" | {m['step_budget']} |")
     return "\n".join(lines + [""]), []
 
 
