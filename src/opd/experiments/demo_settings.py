@@ -15,7 +15,7 @@ class Settings:
     answer_line: bool = False
     # "trace": the teacher learns the column trace alone; "trace+sums": every training problem
     # written two ways, the trace and the column sums alone (`Addition.sums`), and the teacher
-    # samples between them (--task two-paths, docs/experiments/leads.md lead 6)
+    # samples between them (--task two-paths, docs/experiments/leads.md leads 6 and 7)
     paths: str = "trace"
     n_train: int = 20000
     n_test: int = 200
@@ -50,9 +50,9 @@ class Settings:
     eval_every: int = 10
 
 
-# The teacher's learning-rate schedule (benchmarks/two_paths.py trains its teachers with it too)
 # The ways a teacher's training problem is written (Addition's methods), by Settings.paths
 PATHS = {"trace": ("solution",), "trace+sums": ("solution", "sums")}
+# The teacher's learning-rate schedule (benchmarks/two_paths.py trains its teachers with it too)
 TEACHER_SCHEDULE = {"optim.warmup_steps": 50, "optim.schedule": "cosine", "optim.min_lr_ratio": 0.1}
 
 
