@@ -27,6 +27,7 @@ from pathlib import Path
 from opd import tiny
 from opd.evaluate import evaluate
 from opd.experiments.demo import _train_from_scratch, _write_jsonl
+from opd.experiments.demo_settings import PATHS as DEMO_PATHS
 from opd.experiments.demo_settings import TEACHER_SCHEDULE, Settings
 from opd.tasks.addition import CHARS, Addition, extract_either_answer
 
@@ -35,8 +36,7 @@ PATHS = {  # --paths: the ways each training problem is written (Addition's meth
     "both": ("solution", "direct"),
     "direct": ("direct",),
     "sums": ("sums",),
-    "trace+sums": ("solution", "sums"),
-    "trace": ("solution",),
+    **DEMO_PATHS,  # "trace" and "trace+sums", as `--task two-paths` writes them
 }
 
 

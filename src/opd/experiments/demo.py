@@ -163,13 +163,14 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
     )
     data = cache / f"data-{data_key}"
     data.mkdir(exist_ok=True)
+    pairs = task.pairs(s.n_train, "train", seed, seed)
     train_rows = [
         {
             "prompt": task.prompt(a, b),
             "completion": task.solution(a, b),
             "answer": task.answer(a, b),
         }
-        for a, b in task.pairs(s.n_train, "train", seed, seed)
+        for a, b in pairs
     ]
     train = _write_jsonl(data / "train.jsonl", train_rows)
     if s.paths not in PATHS or (s.paths != "trace" and s.answer_line):
@@ -177,7 +178,7 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
     ways = [getattr(task, way) for way in PATHS[s.paths]]
     teacher_rows = train if s.paths == "trace" else _write_jsonl(data / f"train-{s.paths}.jsonl", [
         {"prompt": task.prompt(a, b), "completion": way(a, b)}
-        for a, b in task.pairs(s.n_train, "train", seed, seed) for way in ways
+        for a, b in pairs for way in ways
     ])  # fmt: skip
     test = _write_jsonl(data / "test.jsonl", task.rows(s.n_test, "test", seed, seed))
     valid = _write_jsonl(data / "valid.jsonl", task.rows(s.n_valid, "valid", seed, seed))
