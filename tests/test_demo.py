@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from opd import tiny
+from opd.cli import build_parser
 from opd.errors import OpdError
 from opd.experiments.demo import prepare, run_demo
 from opd.experiments.demo_settings import PRESETS
@@ -116,7 +117,9 @@ def test_char_tokenizer_round_trip_through_save_pretrained(tmp_path):
 
 def test_demo_chain_in_test_mode_writes_its_files_reuses_cache_and_improves(tmp_path, capsys):
     cache = tmp_path / "cache"
-    result = run_demo(str(tmp_path / "demo"), preset="test", seed=0, cache_dir=str(cache))
+    result = run_demo(
+        str(tmp_path / "demo"), preset="test", seed=0, cache_dir=str(cache), task="addition"
+    )
     out = tmp_path / "demo"
     for name in ("report.md", "results.json", "accuracy.png", "teacher_kl.png"):
         assert (out / name).is_file(), name
@@ -140,7 +143,9 @@ def test_demo_chain_in_test_mode_writes_its_files_reuses_cache_and_improves(tmp_
     assert sum(kl[-3:]) / 3 < sum(kl[:3]) / 3, kl
     # the second run reuses the cached teacher and SFT student
     capsys.readouterr()
-    again = run_demo(str(tmp_path / "demo2"), preset="test", seed=0, cache_dir=str(cache))
+    again = run_demo(
+        str(tmp_path / "demo2"), preset="test", seed=0, cache_dir=str(cache), task="addition"
+    )
     log = capsys.readouterr().out
     assert "teacher: reusing" in log and "SFT student: reusing" in log
     assert again["teacher"]["accuracy"] == result["teacher"]["accuracy"]
@@ -170,11 +175,18 @@ def test_demo_over_seeds_reports_every_seed_and_the_spread(tmp_path, capsys):
     assert "OPD / teacher: median" in out
 
 
+def test_the_demo_runs_the_two_path_task_and_experiments_the_addition_task_by_default():
+    parse = build_parser().parse_args
+    assert parse(["demo"]).task == "two-paths"
+    assert parse(["demo", "--task", "addition"]).task == "addition"
+    assert parse(["experiment", "math", "--out", "x"]).task == "addition"
+
+
 def test_demo_on_the_two_path_task(tmp_path):
     """--task two-paths: the teacher learns every problem written both ways, every stage scores
     with the one verifier that reads either path, and OPD gives sequence-level credit."""
     cache = str(tmp_path / "cache")
-    r = run_demo(str(tmp_path / "demo"), preset="test", cache_dir=cache, task="two-paths")
+    r = run_demo(str(tmp_path / "demo"), preset="test", cache_dir=cache)  # the default task
     teacher_run = Path(r["teacher"]["path"]).parent / "run"
     data = json.loads((teacher_run / "config.json").read_text())["data"]["prompts"]
     rows = [json.loads(x) for x in Path(data).read_text().splitlines()]
@@ -190,6 +202,10 @@ def test_demo_on_the_two_path_task(tmp_path):
     assert opd["eval"]["extractor"] == "opd.tasks.addition:extract_either_answer"
     sft = json.loads((Path(r["sft"]["path"]).parent / "run" / "config.json").read_text())
     assert sft["eval"]["extractor"] == opd["eval"]["extractor"]
+    # the SFT stage: a fixed budget at its own rate, no early stop and no checks on the way
+    assert sft["optim"]["lr"] == 1e-3 and sft["eval"]["prompts"] == ""
+    assert r["sft"]["steps"] == PRESETS["test"].sft_steps
+    assert "lr 0.001, for a fixed 5 steps" in (tmp_path / "demo" / "report.md").read_text()
     student = json.loads((Path(r["sft"]["path"]) / "config.json").read_text())
     assert student["num_hidden_layers"] == 1
     assert r["task"] == "2-digit addition, two paths (trace+sums), a 1-layer student"

@@ -114,7 +114,7 @@ def test_pick_prefers_fewest_steps_then_accuracy():
 def test_single_prompt_and_self_distill_results(runs):
     root, out = runs
     single = out["single-prompt"]
-    assert single["rollouts_per_step"] == 4 and single["steps"] == 2
+    assert single["rollouts_per_step"] == 4 and single["steps"] == 2 and single["discount"] == 0
     assert {"before", "after", "teacher_accuracy", "curve"} <= single.keys()
     selfd = out["self-distill"]
     for m in selfd["methods"].values():
@@ -339,7 +339,15 @@ def test_math_on_the_two_path_task(runs, tmp_path, capsys):
     assert configs["rl"]["objective"]["extractor"] == "opd.tasks.addition:extract_either_answer"
     report = (tmp_path / "m" / "report.md").read_text()  # the report names task and credit
     assert "(2 seeds; two-path task)" in report
+    assert "(an SFT stage of a fixed 5 steps)" in report
     assert "| on-policy distillation (sampled-token) with sequence-level credit | 0.003 |" in report
+    single = run_experiment("single-prompt", str(tmp_path / "s"), "test", cache, task="two-paths")
+    run_cfg = json.loads((tmp_path / "s" / "run" / "config.json").read_text())
+    assert run_cfg["objective"]["discount"] == 1.0 == single["discount"]  # the task's credit
+    single_report = (tmp_path / "s" / "report.md").read_text()
+    assert "objective.discount=1" in single_report and "two paths (trace+sums)" in single_report
+    claims = write_report([str(tmp_path / "s")], str(tmp_path / "claims.md")).read_text()
+    assert "2 x 4; two-path task |" in claims  # the claims row names the task
     one_path = json.loads((root / "math" / "opd-seed0" / "config.json").read_text())
     assert configs["opd"]["model"]["teacher"] != one_path["model"]["teacher"]
     assert one_path["objective"]["discount"] == 0.0

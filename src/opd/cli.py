@@ -86,13 +86,13 @@ def _distill_epilog(kind: str) -> str:
     return "\n".join(lines)
 
 
-# --task of `opd demo` and `opd experiment`
+# --task of `opd demo` (default: two-paths, where continued SFT hits a wall) and `opd experiment`
+# (default: addition, the task of docs/experiments.md's comparisons)
 TASK = {
     "choices": ["addition", "two-paths"],
-    "default": "addition",
-    "help": "addition: the column trace (default); two-paths: a teacher that writes each sum two "
-    "ways and samples between them, a 1-layer student that executes only one, OPD with "
-    "sequence-level credit (docs/experiments/leads.md)",
+    "help": "addition: the column trace; two-paths: a teacher that writes each sum two ways and "
+    "samples between them, a 1-layer student that executes only one, OPD with sequence-level "
+    "credit (docs/experiments/leads.md)",
 }
 
 
@@ -182,15 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
         "then the spread over seeds (OUT/seeds.md, seeds.json)",
     )
     dm.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
-    dm.add_argument("--task", **TASK)
+    dm.add_argument("--task", **TASK, default="two-paths")
     dm.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
     dm.add_argument("--verbose", action="store_true", help="show every step of every stage")
 
     ex = sub.add_parser(
         "experiment",
-        help="the blog's comparisons on the demo's task (math, lr-sweep, single-prompt, "
-        "self-distill); personalization and continual: mid-training on new documents, then OPD "
-        "(personalization-sweep: their learning rates)",
+        help="the blog's comparisons on addition or --task two-paths (math, lr-sweep, "
+        "single-prompt, self-distill); personalization and continual: mid-training on new "
+        "documents, then OPD (personalization-sweep: their learning rates)",
     )
     ex.add_argument(
         "name",
@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--sft-stop-at",
         type=float,
-        help="start from an SFT checkpoint stopped at this validation accuracy (default: the "
-        "demo's, 0.3); a lower start makes the RL reward sparser",
+        help="start from an SFT checkpoint stopped at this validation accuracy (default: 0.3 on "
+        "addition; two-paths runs a fixed 800 steps); a lower start makes the RL reward sparser",
     )
     ex.add_argument(
         "--teacher-stop-at",
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the same --sft-stop-at/--teacher-stop-at) instead of the built-in ones",
     )
     ex.add_argument("--cache-dir", help="stage cache (default $OPD_CACHE or ~/.cache/opd)")
-    ex.add_argument("--task", **TASK)
+    ex.add_argument("--task", **TASK, default="addition")
     ex.add_argument("--preset", choices=["default", "quick", "test"], help=argparse.SUPPRESS)
     ex.add_argument("--verbose", action="store_true", help="show every step of every run")
 

@@ -263,11 +263,13 @@ def run_single_prompt(st: Stages, x: ExperimentSettings, out: Path, quiet: bool,
     one.write_text(st.prompts.read_text().splitlines()[0] + "\n")
     log(f"single-prompt: {x.single_steps} steps x {x.single_rollouts} rollouts of one prompt ...")
     run_dir = out / "run"
+    d = st.settings.opd_discount  # the task's credit, as math's "opd" (--task two-paths: 1)
     _stage(
         {
             **st.common,
             "model.student": str(st.sft),
             "model.teacher": str(st.teacher),
+            **({"objective.discount": d} if d else {}),
             "data.prompts": str(one),
             "run.out": str(run_dir),
             "run.steps": x.single_steps,
@@ -288,6 +290,7 @@ def run_single_prompt(st: Stages, x: ExperimentSettings, out: Path, quiet: bool,
         "steps": x.single_steps,
         "rollouts_per_step": x.single_rollouts,
         "lr": x.single_lr,
+        "discount": d,
         "teacher_accuracy": st.teacher_acc,
         "before": curve[0][2],
         "after": curve[-1][2],

@@ -270,14 +270,24 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
             "data.batch_prompts": s.sft_batch,
             "optim.lr": s.sft_lr,
             # the budget: stop once the student passes sft_stop_at on the validation split
-            "eval.prompts": str(valid),
-            "eval.every": s.sft_eval_every,
-            "eval.stop_at": s.sft_stop_at,
+            **(
+                {
+                    "eval.prompts": str(valid),
+                    "eval.every": s.sft_eval_every,
+                    "eval.stop_at": s.sft_stop_at,
+                }
+                if s.sft_stop_at
+                else {"eval.prompts": ""}  # all sft_steps; evaluated once, below
+            ),  # fmt: skip
         },
         log,
         "SFT student",
         f"SFT: student (Llama h{s.student_hidden}/L{s.student_layers}) on the teacher's samples, "
-        f"until {s.sft_stop_at:.0%} validation accuracy (at most {s.sft_steps} steps) ...",
+        + (
+            f"until {s.sft_stop_at:.0%} validation accuracy (at most {s.sft_steps} steps) ..."
+            if s.sft_stop_at
+            else f"{s.sft_steps} steps ..."
+        ),
     )
     sft = s_dir / "final"
     sft_seconds = time.time() - t0
@@ -313,9 +323,9 @@ def run_demo(
     cache_dir: str | None = None,
     quiet: bool = True,
     settings: Settings | None = None,
-    task: str = "addition",
+    task: str = "two-paths",
 ) -> dict:
-    """task: "addition" (the trace alone) or "two-paths" (demo_settings.TWO_PATHS)."""
+    """task: "two-paths" (demo_settings.TWO_PATHS) or "addition" (the trace alone)."""
     t_start = time.time()
     s = settings or settings_for(preset, task)
     root = Path(out)

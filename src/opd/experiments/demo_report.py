@@ -93,6 +93,21 @@ def _loss(st: dict) -> str:
     return f"objective.loss={st['opd_loss']} on the student's samples."
 
 
+def _sft_budget(r: dict) -> str:
+    """How long the SFT stage ran: to a validation accuracy, or a fixed number of steps."""
+    st = r["settings"]
+    if not st["sft_stop_at"]:
+        return (
+            f"lr {st['sft_lr']:g}, for a fixed {r['sft']['steps']} steps (the time includes the "
+            "teacher's sampling)"
+        )
+    return (
+        f"until its accuracy on a separate validation split first reached {st['sft_stop_at']:.0%} "
+        f"({r['sft']['steps']} steps; checked every {st['sft_eval_every']}; the time includes the "
+        "teacher's sampling and those checks)"
+    )
+
+
 def _paths(st: dict) -> str:
     if st.get("paths", "trace") == "trace":
         return "traces"
@@ -118,9 +133,7 @@ fine-tuned off-policy on teacher-written reasoning, then distilled on-policy fro
    {st["n_train"]} gold {_paths(st)} (`opd sft` on the rows' completions, {st["teacher_steps"]} steps).
 2. **SFT** (off-policy distillation): a smaller Llama h{st["student_hidden"]}/L{st["student_layers"]}
    trained from scratch on the teacher's temperature-1 samples, {st["sft_batch"]} samples a step,
-   until its accuracy on a separate validation split first reached {st["sft_stop_at"]:.0%}
-   ({r["sft"]["steps"]} steps; checked every {st["sft_eval_every"]}; the time includes the
-   teacher's sampling and those checks).
+   {_sft_budget(r)}.
 3. **OPD**: `opd distill` from the SFT checkpoint, {st["opd_steps"]} steps of
    {st["opd_prompts"]} prompts x {st["opd_group"]} student samples, lr {st["opd_lr"]}; {_loss(st)}
 

@@ -33,7 +33,7 @@ class Settings:
     sft_steps: int = 800  # a cap: the stage stops once validation accuracy passes sft_stop_at
     sft_lr: float = 3e-3
     sft_batch: int = 64
-    sft_stop_at: float = 0.3
+    sft_stop_at: float = 0.3  # 0: no early stop, the stage runs all sft_steps (no checks)
     sft_eval_every: int = 10
     opd_steps: int = 100  # 50 left the SFT student still climbing on some random streams
     opd_lr: float = 3e-4
@@ -93,14 +93,19 @@ PRESETS = {
 # between them; the 1-layer student executes the trace but not the sums, so SFT on the teacher's
 # samples keeps taking the path it gets wrong, and OPD with sequence-level credit can leave it
 # (docs/experiments/leads.md, lead 7)
-# (opd_lr: what `opd experiment lr-sweep --task two-paths` picked for this loss; at the demo's
-# 3e-4 seed 0 swung between 89% and 92.5% after step 40)
+# (opd_lr: what `opd experiment lr-sweep --task two-paths` picked on the first SFT stage below,
+# where 3e-4 swung between 89% and 92.5%; on this stage 1e-4 and 3e-4 both pass 95% at the
+# first check, 10 steps)
+# (the SFT stage: a fixed 800 steps at 1e-3; the first, at 3e-3 until 30%, left two of four
+# seeds misreading the operands and OPD could not start from them: leads.md, lead 7)
 TWO_PATHS = {
     "paths": "trace+sums",
     "student_layers": 1,
     "opd_loss": "sampled",
     "opd_discount": 1.0,
     "opd_lr": 1e-4,
+    "sft_lr": 1e-3,
+    "sft_stop_at": 0.0,
 }
 
 

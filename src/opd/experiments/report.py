@@ -99,7 +99,7 @@ def _teacher_note(r: dict) -> str:
 
 
 def _teacher_claim(r: dict) -> str:
-    """The teacher and task of a claim row, where they are not the demo's."""
+    """The teacher and task of a claim row, where they are not addition's perfect teacher."""
     task = r.get("task", "")
     old = "; old task (answer line)" if "answer line" in task else ""
     old += "; two-path task" if "two paths" in task else ""
@@ -151,8 +151,12 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         "",
         f"Teacher {_pct(r['teacher_accuracy'])}{_teacher_note(r)}, "
         f"SFT start {_pct(r['sft_start_accuracy'])} "
-        f"(an SFT stage that stops early at {_pct(_sft_stop_at(r))} validation accuracy"
-        + (f"; it ran {r['sft_steps']} steps" if "sft_steps" in r else "")
+        + (
+            f"(an SFT stage that stops early at {_pct(_sft_stop_at(r))} validation accuracy"
+            + (f"; it ran {r['sft_steps']} steps" if "sft_steps" in r else "")
+            if _sft_stop_at(r)
+            else f"(an SFT stage of a fixed {r['sft_steps']} steps"
+        )
         + "), "
         f"target {_pct(r['target_accuracy'])}; {r['sequences_per_step']} sampled sequences a "
         "step for every method, each at its own learning rate ("
@@ -219,6 +223,11 @@ def _math(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     return "\n".join(lines), claims
 
 
+def _task(r: dict) -> str:
+    """A heading's note naming the two-path task (`opd experiment`'s default is addition)."""
+    return f" ({r['task']})" if "two paths" in r.get("task", "") else ""
+
+
 def _single(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -234,10 +243,12 @@ def _single(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
     plt.close(fig)
     text = "\n".join(
         [
-            "## single-prompt: on-policy distillation on one training prompt",
+            "## single-prompt: on-policy distillation on one training prompt" + _task(r),
             "",
             f"Prompt `{r['prompt']}`, {r['steps']} steps x {r['rollouts_per_step']} rollouts, lr "
-            f"{r.get('lr')}: "
+            f"{r.get('lr')}"
+            + (f", objective.discount={r['discount']:g}" if r.get("discount") else "")
+            + ": "
             f"held-out accuracy {_pct(r['before'])} -> {_pct(r['after'])} "
             f"(teacher {_pct(r['teacher_accuracy'])}).",
             "",
@@ -250,7 +261,7 @@ def _single(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
             "OPD can learn from a single prompt (dense per-token signal)",
             "20 steps x 256 rollouts of one prompt move the student toward the teacher",
             f"{_pct(r['before'])} -> {_pct(r['after'])} held-out (teacher {_pct(r['teacher_accuracy'])}), "
-            f"{r['steps']} x {r['rollouts_per_step']}",
+            f"{r['steps']} x {r['rollouts_per_step']}" + _teacher_claim(r),
         )
     ]
     return text, claims
@@ -285,7 +296,7 @@ def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
         )
     text = "\n".join(
         [
-            "## self-distill: the starting model as its own teacher",
+            "## self-distill: the starting model as its own teacher" + _task(r),
             "",
             f"Start {_pct(r['start_accuracy'])}; {r['steps']} steps at lr {r['lr']}: SFT on its "
             f"own samples ends at {_pct(sft['final_accuracy'])} with KL {sft['final_kl']:.4f} to "
@@ -302,7 +313,8 @@ def _self(r: dict, root: Path) -> tuple[str, list[tuple[str, str, str]]]:
             "SFT on its own samples degrades the model; OPD against the earlier model does not",
             f"SFT: {_pct(r['start_accuracy'])} -> {_pct(sft['final_accuracy'])}, KL "
             f"{sft['final_kl']:.4f}; OPD: -> {_pct(opd['final_accuracy'])}, KL {opd['final_kl']:.4f}"
-            + (f"; {dz_note}" if dz else ""),
+            + (f"; {dz_note}" if dz else "")
+            + _teacher_claim(r),
         )
     ]
     return text, claims
