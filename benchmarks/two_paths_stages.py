@@ -22,16 +22,16 @@ import json
 import sys
 from pathlib import Path
 
-from opd.experiments.demo import _stage, prepare
+from opd.experiments.demo import _stage, opd_flags, prepare
 from opd.experiments.demo_settings import settings_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 from two_paths import by_path  # noqa: E402
 
 
-def _value(field: str, text: str):
+def _value(base, field: str, text: str):
     """--set's value, typed like the Settings field it replaces."""
-    kind = type(getattr(settings_for("default", "two-paths"), field))
+    kind = type(getattr(base, field))
     return text.lower() in ("1", "true") if kind is bool else kind(text)
 
 
@@ -44,14 +44,15 @@ def main() -> None:
     ap.add_argument("--opd", action="append", default=[], metavar="'KEY=VALUE ...'")
     ap.add_argument("--steps", type=int, help="OPD steps (default: the demo's)")
     args = ap.parse_args()
-    fields = {f.name for f in dataclasses.fields(settings_for("default", "two-paths"))}
+    base = settings_for("default", "two-paths")
+    fields = {f.name for f in dataclasses.fields(base)}
     over = {}
     for item in args.set:
         field, _, text = item.partition("=")
         if field not in fields:
             ap.error(f"--set {item}: no Settings field {field!r}")
-        over[field] = _value(field, text)
-    s = dataclasses.replace(settings_for("default", "two-paths"), **over)
+        over[field] = _value(base, field, text)
+    s = dataclasses.replace(base, **over)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"settings: the demo's, with {over}" if over else "settings: the demo's")
@@ -67,27 +68,8 @@ def main() -> None:
             flags = dict(kv.split("=", 1) for kv in extra.split())
             steps = args.steps or s.opd_steps
             run = out / f"opd-seed{seed}-{'-'.join(extra.split()) or 'demo'}"
-            _stage(
-                {
-                    **st.common,
-                    "model.student": str(st.sft),
-                    "model.teacher": str(st.teacher),
-                    "data.prompts": str(st.prompts),
-                    "run.out": str(run),
-                    "run.steps": steps,
-                    "data.batch_prompts": s.opd_prompts,
-                    "sampling.group_size": s.opd_group,
-                    "optim.lr": s.opd_lr,
-                    "objective.loss": s.opd_loss,
-                    "objective.discount": s.opd_discount,
-                    "eval.prompts": str(st.valid),
-                    "eval.every": 10,
-                    "run.save_every": steps,
-                    **flags,
-                },
-                True,
-                force=True,
-            )
+            scored_on_valid = {"eval.prompts": str(st.valid), "eval.every": 10}
+            _stage({**opd_flags(st, run, steps), **scored_on_valid, **flags}, True, force=True)
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             curve = " ".join(f"{m['eval/accuracy']:.1%}" for m in rows if "eval/accuracy" in m)
             print(f"seed {seed}: OPD {extra or '(the demo)'}: validation every 10 steps: {curve}")

@@ -316,6 +316,27 @@ def prepare(s: Settings, seed: int, cache_dir: str | None, quiet: bool, log) -> 
     )
 
 
+def opd_flags(st: Stages, out: Path, steps: int) -> dict:
+    """The demo's OPD stage from st's SFT checkpoint, as flags for `opd distill` (held-out
+    accuracy every eval_every steps)."""
+    s = st.settings
+    return {
+        **st.common,
+        "model.student": str(st.sft),
+        "model.teacher": str(st.teacher),
+        "data.prompts": str(st.prompts),
+        "run.out": str(out),
+        "run.steps": steps,
+        "data.batch_prompts": s.opd_prompts,
+        "sampling.group_size": s.opd_group,
+        "optim.lr": s.opd_lr,
+        "objective.loss": s.opd_loss,
+        **({"objective.discount": s.opd_discount} if s.opd_discount else {}),
+        "eval.every": s.eval_every,
+        "run.save_every": steps,
+    }
+
+
 def run_demo(
     out: str,
     preset: str = "default",
@@ -343,25 +364,7 @@ def run_demo(
     )
     t0 = time.time()
     opd_out = root / "opd"
-    _stage(
-        {
-            **st.common,
-            "model.student": str(st.sft),
-            "model.teacher": str(st.teacher),
-            "data.prompts": str(st.prompts),
-            "run.out": str(opd_out),
-            "run.steps": s.opd_steps,
-            "data.batch_prompts": s.opd_prompts,
-            "sampling.group_size": s.opd_group,
-            "optim.lr": s.opd_lr,
-            "objective.loss": s.opd_loss,
-            **({"objective.discount": s.opd_discount} if s.opd_discount else {}),
-            "eval.every": s.eval_every,
-            "run.save_every": s.opd_steps,
-        },
-        quiet,
-        force=True,
-    )
+    _stage(opd_flags(st, opd_out, s.opd_steps), quiet, force=True)
     opd_seconds = time.time() - t0
     metrics = [json.loads(x) for x in (opd_out / "metrics.jsonl").read_text().splitlines()]
     curve = [[m["step"], m["eval/accuracy"]] for m in metrics if "eval/accuracy" in m]
